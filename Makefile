@@ -1,0 +1,36 @@
+# Two commands set everything up on a fresh machine:
+#   make pretrain   # venv + install + a short 2-rank pretraining run on the embedded corpus (deepspeed launcher)
+#   make test       # venv + install + the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+NUM_RANKS ?= 2
+ARGS ?=
+
+.PHONY: setup pretrain test test-fast bench clean
+
+setup: $(STAMP)
+
+# Reinstalls only when requirements.txt or setup.py change (idempotent).
+$(STAMP): requirements.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+pretrain: $(STAMP)
+	$(VENV)/bin/deepspeed --num_gpus $(NUM_RANKS) launch/pretrain.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(PY) bench/throughput.py
+
+clean:
+	rm -rf runs multirun outputs

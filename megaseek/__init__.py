@@ -1,0 +1,1 @@
+"""megaseek: DeepSeek-style LLM pretraining on DeepSpeed with 3D parallelism."""

@@ -1,0 +1,116 @@
+"""Process groups built from a Topology. No module globals: the `ParallelGroups` object travels.
+
+Every rank must create every group in the same order (torch.distributed.new_group is collective),
+so we walk all groups of each axis and keep the one that contains this rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch.distributed as dist
+
+from megaseek.dist.topology import Coord, Topology
+
+
+@dataclass
+class AxisGroup:
+    """One process group along one axis, as seen from this rank."""
+
+    group: Any  # torch.distributed.ProcessGroup or None when the axis has size 1 and no dist
+    ranks: list[int]
+    rank: int  # this process's index inside `ranks`
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+@dataclass
+class ParallelGroups:
+    topo: Topology
+    global_rank: int
+    coord: Coord
+    tp: AxisGroup
+    dp: AxisGroup
+    pp: AxisGroup
+    mp: AxisGroup
+    _extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, topo: Topology) -> "ParallelGroups":
+        if dist.is_initialized():
+            rank = dist.get_rank()
+            if dist.get_world_size() != topo.world_size:
+                raise ValueError(f"topology {topo} needs {topo.world_size} ranks, world has {dist.get_world_size()}")
+        else:
+            if topo.world_size != 1:
+                raise ValueError("torch.distributed is not initialized but the topology needs several ranks")
+            rank = 0
+        axes = {}
+        for axis, lists in (("tp", topo.tp_groups()), ("dp", topo.dp_groups()),
+                            ("pp", topo.pp_groups()), ("mp", topo.mp_groups())):
+            mine = None
+            for ranks in lists:
+                g = dist.new_group(ranks) if dist.is_initialized() else None
+                if rank in ranks:
+                    mine = AxisGroup(group=g, ranks=ranks, rank=ranks.index(rank))
+            axes[axis] = mine
+        return cls(topo=topo, global_rank=rank, coord=topo.coord(rank), **axes)
+
+    def mpu(self) -> "DeepSpeedMPU":
+        return DeepSpeedMPU(self)
+
+
+class DeepSpeedMPU:
+    """The `mpu` interface DeepSpeed queries, so that ZeRO partitions and reduces over the data-parallel
+    group only, and gradient norms sum sharded parameters across the model-parallel group once."""
+
+    def __init__(self, groups: ParallelGroups):
+        self.g = groups
+
+    # data parallel
+    def get_data_parallel_group(self):
+        return self.g.dp.group
+
+    def get_data_parallel_rank(self):
+        return self.g.dp.rank
+
+    def get_data_parallel_world_size(self):
+        return self.g.dp.size
+
+    def get_data_parallel_group_ranks(self):
+        return list(self.g.dp.ranks)
+
+    # model parallel = tensor x pipeline (DeepSpeed sums norms of `tensor_model_parallel` params over it)
+    def get_model_parallel_group(self):
+        return self.g.mp.group
+
+    def get_model_parallel_rank(self):
+        return self.g.mp.rank
+
+    def get_model_parallel_world_size(self):
+        return self.g.mp.size
+
+    # tensor parallel
+    def get_tensor_model_parallel_group(self):
+        return self.g.tp.group
+
+    def get_tensor_model_parallel_rank(self):
+        return self.g.tp.rank
+
+    def get_tensor_model_parallel_world_size(self):
+        return self.g.tp.size
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self.g.tp.ranks[0]
+
+    # pipeline parallel
+    def get_pipeline_model_parallel_group(self):
+        return self.g.pp.group
+
+    def get_pipeline_model_parallel_rank(self):
+        return self.g.pp.rank
+
+    def get_pipeline_model_parallel_world_size(self):
+        return self.g.pp.size

@@ -1,0 +1,279 @@
+"""Megatron-style tensor-parallel layers. Each takes a `TPContext` (its group), never the run config.
+
+Initialization is layout-free: every layer builds the *full* master weight from its own seed on the CPU
+and keeps its shard, so a model built at tensor degree k holds exactly the weights of degree 1.
+
+Sharded parameters carry `tensor_model_parallel = True` and `partition_dim`, which DeepSpeed reads to
+sum their gradient norms across the model-parallel group once; replicated parameters are counted once.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megaseek.dist import mappings as M
+
+
+@dataclass
+class TPContext:
+    """What a layer needs to know about tensor parallelism."""
+
+    group: Any = None
+    size: int = 1
+    rank: int = 0
+    sequence_parallel: bool = False
+
+    @classmethod
+    def from_axis(cls, axis, sequence_parallel: bool = False) -> "TPContext":
+        if axis is None or axis.size == 1:
+            return cls(sequence_parallel=False)
+        return cls(group=axis.group, size=axis.size, rank=axis.rank, sequence_parallel=sequence_parallel)
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """Replicated (or sequence-sharded) activations -> input of a column-parallel region.
+        Without SP: identity forward, all-reduce dX backward. With SP: all-gather the sequence
+        (b, s/p, h) -> (b, s, h) forward, reduce-scatter dX backward."""
+        if self.sequence_parallel:
+            return M.gather_from_sequence(x, self.group)
+        return M.copy_to_region(x, self.group)
+
+    def exit(self, y_partial: torch.Tensor) -> torch.Tensor:
+        """Partial sums of a row-parallel region -> replicated (or sequence-sharded) activations.
+        Without SP: all-reduce. With SP: reduce-scatter along the sequence (b, s, h) -> (b, s/p, h)."""
+        if self.sequence_parallel:
+            return M.reduce_scatter_to_sequence(y_partial, self.group)
+        return M.reduce_from_region(y_partial, self.group)
+
+    def replicated_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """A weight replicated across tensor ranks whose per-rank gradient is partial (sequence-parallel
+        norms, kv heads shared by several tensor ranks): identity forward, all-reduce dW backward, so
+        every rank holds the full, identical gradient."""
+        return M.copy_to_region(w, self.group) if self.size > 1 else w
+
+
+def master_normal(shape, std: float, seed: int) -> torch.Tensor:
+    """The full (unsharded) fp32 weight, drawn from N(0, std^2) by a generator of its own seed."""
+    g = torch.Generator().manual_seed(int(seed) % (2**63))
+    return torch.empty(*shape).normal_(0.0, std, generator=g)
+
+
+def _mark(p: nn.Parameter, dim: int, ctx: TPContext):
+    if ctx.size > 1:
+        p.tensor_model_parallel = True
+        p.partition_dim = dim
+        p.partition_stride = 1
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A with A (in, out) split by columns, A = [A_1 .. A_p]; rank i computes Y_i = X A_i.
+
+    Weight stored as (out/p, in) (torch's layout). The caller brings X into the region with
+    `ctx.enter` once (several column-parallel layers may share one entry); `forward` only multiplies.
+    Optional `gather_output` all-gathers Y along the last dim (backward: keep my slice).
+    """
+
+    def __init__(self, in_features: int, out_features: int, ctx: TPContext, *, std: float, seed: int,
+                 bias: bool = False, gather_output: bool = False, valid_out: Optional[int] = None):
+        super().__init__()
+        if out_features % ctx.size != 0:
+            raise ValueError(f"output size {out_features} does not divide by tensor degree {ctx.size}")
+        self.ctx, self.gather_output = ctx, gather_output
+        self.in_features, self.out_features = in_features, out_features
+        valid = out_features if valid_out is None else valid_out  # rows past `valid` are padding (zeros)
+        full = torch.zeros(out_features, in_features)
+        full[:valid] = master_normal((valid, in_features), std, seed)  # (out, in)
+        self.weight = nn.Parameter(full.chunk(ctx.size, dim=0)[ctx.rank].clone())  # (out/p, in)
+        _mark(self.weight, 0, ctx)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features // ctx.size))  # (out/p,)
+            _mark(self.bias, 0, ctx)
+
+    def forward(self, x_parallel: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x_parallel, self.weight, self.bias)  # (..., out/p)
+        if self.gather_output:
+            y = M.gather_from_region(y, self.ctx.group)  # (..., out)
+        return y
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A with A (in, out) split by rows, A = [A_1; ..; A_p], X = [X_1 .. X_p] already split by
+    columns (the output of a column-parallel layer). Rank i computes X_i A_i; Y = sum_i X_i A_i by
+    all-reduce (or reduce-scatter along the sequence with SP). Backward: dX_i = dY A_i^T, no comm.
+
+    Weight stored as (out, in/p); the bias (replicated) is added after the reduction.
+    """
+
+    def __init__(self, in_features: int, out_features: int, ctx: TPContext, *, std: float, seed: int,
+                 bias: bool = False):
+        super().__init__()
+        if in_features % ctx.size != 0:
+            raise ValueError(f"input size {in_features} does not divide by tensor degree {ctx.size}")
+        self.ctx = ctx
+        self.in_features, self.out_features = in_features, out_features
+        full = master_normal((out_features, in_features), std, seed)  # (out, in)
+        self.weight = nn.Parameter(full.chunk(ctx.size, dim=1)[ctx.rank].clone())  # (out, in/p)
+        _mark(self.weight, 1, ctx)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x_parallel: torch.Tensor) -> torch.Tensor:
+        y = self.ctx.exit(F.linear(x_parallel, self.weight))  # (b, s, out) or (b, s/p, out) with SP
+        if self.bias is not None:
+            b = self.ctx.replicated_weight(self.bias) if self.ctx.sequence_parallel else self.bias
+            y = y + b
+        return y
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 1) -> int:
+    """Pad the vocabulary to a multiple of tp * multiple so every rank holds an equal slice."""
+    m = tp * max(1, multiple)
+    return ((vocab_size + m - 1) // m) * m
+
+
+class VocabParallelEmbedding(nn.Module):
+    """E (V_pad, h) split by rows: rank i holds rows [i V_pad/p, (i+1) V_pad/p).
+
+    Forward: each rank looks up the tokens in its range (others give 0), then the partial embeddings are
+    summed by all-reduce (or reduce-scatter along the sequence with SP). Padded rows are zero and never
+    looked up (token ids < vocab_size).
+    """
+
+    def __init__(self, vocab_size: int, padded_size: int, hidden: int, ctx: TPContext, *, std: float, seed: int):
+        super().__init__()
+        self.ctx, self.vocab_size, self.padded_size = ctx, vocab_size, padded_size
+        self.per_rank = padded_size // ctx.size
+        self.start = ctx.rank * self.per_rank
+        full = torch.zeros(padded_size, hidden)
+        full[:vocab_size] = master_normal((vocab_size, hidden), std, seed)  # padded rows stay 0
+        self.weight = nn.Parameter(full[self.start:self.start + self.per_rank].clone())  # (V_pad/p, h)
+        _mark(self.weight, 0, ctx)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ctx.size == 1:
+            return F.embedding(ids, self.weight)  # (b, s, h)
+        outside = (ids < self.start) | (ids >= self.start + self.per_rank)
+        local = (ids - self.start).masked_fill(outside, 0)
+        e = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (b, s, h) partial
+        return self.ctx.exit(e)  # (b, s, h), or (b, s/p, h) with SP
+
+
+def mask_padded_logits(logits: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor:
+    """Set logits of padded vocabulary entries (ids >= vocab_size) to the dtype's minimum, so they never
+    win a softmax, carry no probability into the loss and receive no gradient."""
+    n_local = logits.shape[-1]
+    n_real = max(0, min(n_local, vocab_size - vocab_start))
+    if n_real == n_local:
+        return logits
+    col = torch.arange(n_local, device=logits.device)
+    return logits.masked_fill(col >= n_real, torch.finfo(logits.dtype).min)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """loss_t = log(sum_v exp(z_tv)) - z_t,y_t with z split by vocab across ranks; never gathers z.
+
+    Forward: global max (all-reduce MAX), target logit (all-reduce SUM, only its owner contributes),
+    sum of exp (all-reduce SUM). Backward: dz = softmax(z) - onehot(y), on the local slice only.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, group, vocab_start):
+        z = logits.float()  # (b, s, v/p)
+        zmax = z.max(dim=-1).values  # (b, s)
+        if group is not None:
+            dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
+            if M.CommCounter.active is not None:
+                M.CommCounter.active.add("all_reduce", zmax)
+        z = z - zmax.unsqueeze(-1)
+        n_local = z.shape[-1]
+        outside = (target < vocab_start) | (target >= vocab_start + n_local)
+        local_t = (target - vocab_start).masked_fill(outside, 0)
+        z_t = z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)  # (b, s)
+        exp = z.exp()
+        sum_exp = exp.sum(dim=-1)  # (b, s)
+        if group is not None:
+            both = torch.stack([z_t, sum_exp])  # one all-reduce for the two (b, s) tensors
+            if M.CommCounter.active is not None:
+                M.CommCounter.active.add("all_reduce", both)
+            dist.all_reduce(both, group=group)
+            z_t, sum_exp = both[0], both[1]
+        loss = sum_exp.log() - z_t  # (b, s)
+        softmax = exp / sum_exp.unsqueeze(-1)
+        ctx.save_for_backward(softmax, local_t, outside)
+        ctx.in_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        softmax, local_t, outside = ctx.saved_tensors
+        grad = softmax  # (b, s, v/p), reused in place
+        onehot = (~outside).to(grad.dtype)
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), -onehot.unsqueeze(-1))
+        grad.mul_(g.unsqueeze(-1))
+        return grad.to(ctx.in_dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits_local: torch.Tensor, target: torch.Tensor, ctx: TPContext,
+                                 vocab_start: int) -> torch.Tensor:
+    """Per-token loss (b, s) from vocab-sharded logits (b, s, V_pad/p)."""
+    if ctx.size == 1:
+        b, s, v = logits_local.shape
+        return F.cross_entropy(logits_local.float().view(b * s, v), target.reshape(b * s),
+                               reduction="none").view(b, s)
+    return _VocabParallelCrossEntropy.apply(logits_local, target, ctx.group, vocab_start)
+
+
+class RNGTracker:
+    """Per-tensor-rank RNG streams for dropout inside tensor-parallel regions.
+
+    Dropout on sharded activations (attention probabilities of this rank's heads) must differ across
+    tensor ranks; dropout on replicated activations must be identical. `fork()` swaps in a stream seeded
+    by (seed, tensor rank) and restores the default stream afterwards.
+    """
+
+    def __init__(self, seed: int, tp_rank: int):
+        self._gen = torch.Generator().manual_seed(seed + 2718 + 1000 * tp_rank)
+        self._cuda_state = None
+        if torch.cuda.is_available():
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+                torch.cuda.manual_seed(seed + 2718 + 1000 * tp_rank)
+                self._cuda_state = torch.cuda.get_rng_state()
+
+    @contextlib.contextmanager
+    def fork(self):
+        cpu = torch.get_rng_state()
+        torch.set_rng_state(self._gen.get_state())
+        cuda = None
+        if self._cuda_state is not None:
+            cuda = torch.cuda.get_rng_state()
+            torch.cuda.set_rng_state(self._cuda_state)
+        try:
+            yield
+        finally:
+            self._gen.set_state(torch.get_rng_state())
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                self._cuda_state = torch.cuda.get_rng_state()
+                torch.cuda.set_rng_state(cuda)
+
+    def state_dict(self):
+        return {"cpu": self._gen.get_state(), "cuda": self._cuda_state}
+
+    def load_state_dict(self, sd):
+        self._gen.set_state(sd["cpu"])
+        self._cuda_state = sd.get("cuda")
+
+
+def gather_full(t: torch.Tensor, ctx: TPContext, dim: Optional[int]) -> torch.Tensor:
+    """Concatenate a shard (a parameter or its gradient) along `dim` to the full tensor.
+    dim None: the tensor is replicated and passes through."""
+    if ctx.size == 1 or dim is None:
+        return t.detach().clone()
+    parts = [torch.empty_like(t) for _ in range(ctx.size)]
+    dist.all_gather(parts, t.detach().contiguous(), group=ctx.group)
+    return torch.cat(parts, dim=dim)

@@ -1,0 +1,63 @@
+"""Model + optimizer + schedule -> deepspeed.initialize. The glue to DeepSpeed, nothing else."""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from megaseek.config.deepspeed import deepspeed_config
+from megaseek.config.schema import Layout
+from megaseek.dist.groups import ParallelGroups
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices (linear and embedding weights); no decay for norms and biases (1-D)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def lr_lambda(step: int, warmup: int, decay_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr: linear warmup over `warmup` steps, then cosine to `min_ratio` at
+    `decay_steps`, constant after."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if decay_steps <= warmup:
+        return 1.0
+    t = min(1.0, (step - warmup) / (decay_steps - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def build_optimizer(model: torch.nn.Module, opt_cfg: Mapping[str, Any], offload: bool):
+    groups = param_groups(model, float(opt_cfg["weight_decay"]))
+    kw = dict(lr=float(opt_cfg["lr"]), betas=tuple(float(b) for b in opt_cfg["betas"]), eps=float(opt_cfg["eps"]))
+    if offload:  # ZeRO-Offload steps on the CPU: DeepSpeed's vectorised CPU Adam (JIT-built once)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+def build_scheduler(optimizer, opt_cfg: Mapping[str, Any], steps: int):
+    warmup = int(opt_cfg.get("warmup_steps", 0))
+    decay = int(opt_cfg.get("decay_steps") or steps)
+    min_ratio = float(opt_cfg.get("min_lr", 0.0)) / float(opt_cfg["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, decay, min_ratio))
+
+
+def build_engine(model: torch.nn.Module, cfg: Mapping[str, Any], layout: Layout, groups: ParallelGroups):
+    """Returns (engine, optimizer, scheduler, ds_config)."""
+    import deepspeed
+    ds_cfg = deepspeed_config(cfg, layout)
+    offload = cfg["zero"].get("offload_optimizer", "none") == "cpu"
+    opt = build_optimizer(model, cfg["optimizer"], offload)
+    sched = build_scheduler(opt, cfg["optimizer"], int(cfg["train"]["steps"]))
+    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg,
+                                                 mpu=groups.mpu())
+    return engine, opt, sched, ds_cfg

@@ -1,0 +1,222 @@
+"""The pretraining job: validate -> processes -> data -> model -> DeepSpeed engine -> loop -> summary.
+
+The loop delegates: batches come from the loader, steps from the engine, records go to the sinks,
+checkpoints to megaseek.ckpt.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from megaseek.ckpt import checkpoint as ckpt
+from megaseek.config.schema import ConfigError, Layout, validate
+from megaseek.dist.env import DistEnv, init_distributed, log0, select_accelerator, world_size_from_env
+from megaseek.dist.groups import ParallelGroups
+from megaseek.dist.topology import Topology
+from megaseek.dist.tp_layers import RNGTracker, TPContext
+from megaseek.model.config import ModelConfig
+from megaseek.model.decoder import Decoder, greedy_generate
+from megaseek.model.flops import flops_per_token, gpu_peak_tflops, measure_matmul_peak, param_counts
+from megaseek.monitor.metrics import JsonlSink, ProgressSink
+
+
+def resolve_run_dir(run_dir: Optional[str]) -> Path:
+    """The run directory, identical on every rank: rank 0 decides, the others receive it."""
+    if run_dir in (None, "", "null"):
+        try:
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.types import RunMode
+            hc = HydraConfig.get()
+            chosen = hc.runtime.output_dir if hc.mode == RunMode.MULTIRUN else None
+        except Exception:
+            chosen = None
+        chosen = chosen or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+        obj = [chosen]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(obj, src=0)
+        run_dir = obj[0]
+    p = Path(run_dir).resolve()
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def prepare_data(cfg: DictConfig, denv: DistEnv):
+    """The tokenized dataset and tokenizer, built once by local rank 0 of each node, reused later."""
+    from megaseek.data.prepare import ensure_default_dataset
+    if cfg.data.get("sources"):
+        raise ConfigError("data.sources: named sources need the data pipeline (launch/prepare_data.py); "
+                          "leave data.sources empty to train on the embedded default corpus")
+    root = Path(str(cfg.data.root)).expanduser().resolve()
+    args = (root, int(cfg.model.vocab_size), int(cfg.data.max_bytes), int(cfg.data.tokenizer_sample_bytes))
+    if denv.local_rank == 0:
+        ensure_default_dataset(*args, log=log0)
+    if dist.is_initialized():
+        dist.barrier()
+    return ensure_default_dataset(*args, log=log0)  # returns at once: the files are whole now
+
+
+def measured_peak_flops(env: DistEnv, dtype: str) -> tuple[float, str]:
+    """Total peak FLOP/s of the world: datasheet per GPU, or a matmul measured by every CPU rank at once."""
+    if env.device.startswith("cuda"):
+        tf = gpu_peak_tflops(torch.cuda.get_device_name(), dtype)
+        if tf:
+            return tf * 1e12 * env.world_size, f"datasheet {torch.cuda.get_device_name()} {dtype}"
+    mine = torch.tensor([measure_matmul_peak(seconds=0.3)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(mine)
+    return float(mine.item()), "measured fp32 matmul"
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, layout: Layout, denv: DistEnv, groups: ParallelGroups, run_dir: Path):
+        self.cfg, self.layout, self.env, self.groups, self.run_dir = cfg, layout, denv, groups, run_dir
+        self.rank0 = denv.rank == 0
+        self.device = torch.device(denv.device)
+
+    # --- build ---
+    def build(self):
+        from megaseek.data.loader import BatchPlan, ResumableLoader, TokenWindows
+        from megaseek.data.shards import open_shard
+        from megaseek.engine.build import build_engine
+        cfg, lay = self.cfg, self.layout
+        self.data_dir = prepare_data(cfg, self.env)
+        tokens = open_shard(self.data_dir / "tokens.bin")
+        vf = float(cfg.data.get("valid_fraction", 0.0))
+        self.train_data = TokenWindows(tokens, lay.seq_len, vf, "train")
+        self.valid_data = TokenWindows(tokens, lay.seq_len, vf, "valid") if vf > 0 else None
+        plan = BatchPlan(lay.global_batch, lay.micro_batch, lay.dp, self.groups.dp.rank)
+        self.loader = ResumableLoader(self.train_data, plan, int(cfg.seed))
+
+        self.mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+        self.ctx = TPContext.from_axis(self.groups.tp, lay.sequence_parallel)
+        torch.manual_seed(int(cfg.seed))
+        self.rng = RNGTracker(int(cfg.seed), self.ctx.rank)
+        model = Decoder(self.mcfg, self.ctx, seed=int(cfg.seed), rng=self.rng,
+                        checkpointing=str(cfg.train.activation_checkpointing))
+        self.engine, self.optimizer, self.scheduler, self.ds_config = build_engine(model, cfg, lay, self.groups)
+        self.flops = flops_per_token(self.mcfg, lay.seq_len, str(cfg.train.activation_checkpointing))
+        self.peak, self.peak_src = measured_peak_flops(self.env, str(cfg.precision.name))
+        return self
+
+    # --- state ---
+    def client_state(self, step: int) -> dict:
+        return {"consumed_samples": step * self.layout.global_batch, "loader": self.loader.state_dict(),
+                "rng_tracker": self.rng.state_dict(),
+                "config": OmegaConf.to_container(self.cfg, resolve=True)}
+
+    def maybe_resume(self) -> int:
+        client = ckpt.resume(self.engine, self.run_dir)
+        if client is None:
+            return 0
+        self.loader.load_state_dict(client["loader"])
+        if "rng_tracker" in client:
+            self.rng.load_state_dict(client["rng_tracker"])
+        log0(f"[ckpt] resumed from {ckpt.latest_tag(self.run_dir)} at step {client['step']}")
+        return int(client["step"])
+
+    def _dp_mean(self, x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        if self.groups.dp.size > 1:
+            dist.all_reduce(t, group=self.groups.dp.group)
+        return float(t.item()) / self.groups.dp.size
+
+    # --- loop ---
+    def fit(self) -> dict:
+        cfg, lay = self.cfg, self.layout
+        steps, log_every = int(cfg.train.steps), int(cfg.train.log_interval)
+        save_every = int(cfg.train.save_interval)
+        start = self.maybe_resume()
+        sink = JsonlSink(self.run_dir / "metrics.jsonl") if self.rank0 else None
+        bar = ProgressSink(steps, start) if (self.rank0 and cfg.logging.get("progress", True)) else None
+        tokens_per_step = lay.global_batch * lay.seq_len
+        t_start = t_log = time.perf_counter()
+        loss_sum, n_in_interval, last = 0.0, 0, None
+        ckpt_path = None
+        for step in range(start, steps):
+            local = 0.0
+            for ids, labels in self.loader.micro_batches():
+                loss = self.engine(ids.to(self.device), labels.to(self.device))  # mean token loss of the micro-batch
+                self.engine.backward(loss)
+                self.engine.step()
+                local += float(loss.detach()) / lay.grad_accum
+            loss_sum += local
+            n_in_interval += 1
+            done = step + 1
+            rec = None
+            if done % log_every == 0 or done == steps:
+                dt = time.perf_counter() - t_log
+                tps = tokens_per_step * n_in_interval / dt
+                gn = self.engine.get_global_grad_norm()
+                rec = {"step": done, "loss": self._dp_mean(loss_sum / n_in_interval),
+                       "lr": float(self.scheduler.get_last_lr()[0]),
+                       "grad_norm": float(gn) if gn is not None else float("nan"),
+                       "tokens_per_s": tps, "tokens_per_s_per_rank": tps / lay.world_size,
+                       "samples": done * lay.global_batch, "mfu": self.flops["model"] * tps / self.peak,
+                       "hfu": self.flops["hardware"] * tps / self.peak, "step_time_s": dt / n_in_interval}
+                last = rec
+                if sink:
+                    sink.write(rec)
+                loss_sum, n_in_interval, t_log = 0.0, 0, time.perf_counter()
+            if bar:
+                bar.update(done, rec)
+            if done % save_every == 0 or done == steps:
+                ckpt_path = ckpt.save(self.engine, self.run_dir, done, self.client_state(done))
+        wall = time.perf_counter() - t_start
+        if bar:
+            bar.close()
+        if sink:
+            sink.close()
+        if ckpt_path is None and ckpt.latest_tag(self.run_dir):
+            ckpt_path = ckpt.checkpoint_dir(self.run_dir) / ckpt.latest_tag(self.run_dir)
+        return {"steps": steps, "steps_this_run": steps - start, "tokens": steps * tokens_per_step,
+                "wall_time_s": wall, "final_loss": last["loss"] if last else None,
+                "checkpoint": str(ckpt_path) if ckpt_path else None, "run_dir": str(self.run_dir),
+                "params": param_counts(self.mcfg)["total"], "peak_flops": self.peak, "peak_source": self.peak_src}
+
+    def sample(self) -> Optional[str]:
+        n = int(self.cfg.train.get("sample_tokens", 0))
+        if n <= 0:
+            return None
+        from megaseek.data.tokenizer import load_tokenizer
+        tok = load_tokenizer(self.data_dir / "tokenizer.json")
+        prompt = str(self.cfg.train.get("sample_prompt", "def "))
+        ids = torch.tensor([tok.encode(prompt).ids], device=self.device)
+        out = greedy_generate(self.engine.module, ids, n)
+        return tok.decode(out[0].tolist())
+
+
+def pretrain(cfg: DictConfig) -> dict:
+    """Run one pretraining job (every rank calls this). Returns the summary (also in run_dir/summary.json)."""
+    world = world_size_from_env()
+    layout = validate(cfg, world, has_cuda=select_accelerator())  # refuse bad config before any work
+    if layout.pp > 1:
+        raise ConfigError(f"parallel.pp={layout.pp}: pipeline parallelism is not available yet; use parallel.pp=1")
+    denv = init_distributed()
+    groups = ParallelGroups.build(Topology(tp=layout.tp, pp=layout.pp, dp=layout.dp))
+    run_dir = resolve_run_dir(cfg.get("run_dir"))
+    if denv.rank == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        log0(f"[megaseek] run_dir={run_dir} world={layout.world_size} (dp={layout.dp} tp={layout.tp} pp={layout.pp}) "
+             f"global_batch={layout.global_batch} = micro {layout.micro_batch} x accum {layout.grad_accum} x dp "
+             f"{layout.dp}, backend={denv.backend}, zero={cfg.zero.stage}, precision={cfg.precision.name}")
+    trainer = Trainer(cfg, layout, denv, groups, run_dir).build()
+    log0(f"[megaseek] model {trainer.mcfg.name}: {param_counts(trainer.mcfg)['total'] / 1e6:.2f}M parameters, "
+         f"{trainer.flops['model'] / 1e6:.1f} MFLOP/token, peak {trainer.peak / 1e9:.1f} GFLOP/s ({trainer.peak_src})")
+    summary = trainer.fit()
+    text = trainer.sample()
+    if denv.rank == 0:
+        summary["sample"] = text
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        log0(f"[megaseek] done: {summary['steps']} steps ({summary['steps_this_run']} this run), "
+             f"{summary['tokens']:,} tokens, {summary['wall_time_s']:.1f}s, final loss {summary['final_loss']}, "
+             f"checkpoint {summary['checkpoint']}")
+        if text is not None:
+            log0("[megaseek] greedy sample:\n" + text)
+    return summary

@@ -1,0 +1,58 @@
+"""Model hyper-parameters: the `model` slice of the Hydra config as a dataclass."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    intermediate_size: int = 704
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dropout: float = 0.0
+    pad_vocab_multiple: int = 1
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model keys {sorted(unknown)}; known keys are {sorted(known)}")
+        return cls(**dict(d))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self, tp: int = 1) -> None:
+        """Raise one ValueError naming the field when the shape cannot work at tensor degree `tp`."""
+        def bad(msg):
+            raise ValueError(f"model config '{self.name}': {msg}")
+        for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                  "max_seq_len"):
+            if getattr(self, k) < 1:
+                bad(f"model.{k} must be >= 1, got {getattr(self, k)}")
+        if self.hidden_size % self.num_heads:
+            bad(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            bad(f"head dim {self.head_dim} must be even for rotary embeddings")
+        if self.num_heads % self.num_kv_heads:
+            bad(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+        if self.num_heads % tp:
+            bad(f"model.num_heads={self.num_heads} is not divisible by parallel.tp={tp}")
+        if self.num_kv_heads % tp and tp % self.num_kv_heads:
+            bad(f"model.num_kv_heads={self.num_kv_heads} and parallel.tp={tp}: one must divide the other")
+        if self.intermediate_size % tp:
+            bad(f"model.intermediate_size={self.intermediate_size} is not divisible by parallel.tp={tp}")
+        if not 0.0 <= self.dropout < 1.0:
+            bad(f"model.dropout={self.dropout} must be in [0, 1)")

@@ -1,0 +1,82 @@
+"""Parameter and FLOP counts, and model FLOPs utilization (MFU).
+
+Training FLOPs per token (Kaplan / PaLM convention, as Megatron and nanoGPT report them):
+
+    F_token = 6 * N_matmul + 12 * L * s * h_attn        (h_attn = n_heads * head_dim)
+
+6 N: forward 2 N plus backward 4 N for every weight in a matmul (the embedding lookup is not a matmul;
+the LM head is). The attention term is QK^T and AV: forward 2 * 2 * s * h_attn per token per layer,
+times 3 with the backward -> 12 L s h_attn (not halved for the causal mask, as PaLM and nanoGPT count,
+so MFU figures compare with theirs). With full activation recomputation the hardware runs one extra
+forward: hardware FLOPs = F_token + 2 N_matmul + 4 L s h_attn; selective recomputation re-runs the
+attention sub-layer only.
+"""
+from __future__ import annotations
+
+from megaseek.model.config import ModelConfig
+
+
+def param_counts(cfg: ModelConfig) -> dict:
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    attn = h * cfg.num_heads * d * 2 + h * cfg.num_kv_heads * d * 2  # q, o, k, v
+    mlp = 3 * h * i
+    norms = 2 * h
+    per_layer = attn + mlp + norms
+    embed = cfg.vocab_size * h
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * h
+    total = embed + cfg.num_layers * per_layer + h + head
+    matmul = cfg.num_layers * (attn + mlp) + cfg.vocab_size * h  # the head is a matmul, tied or not
+    return {"total": total, "embedding": embed, "per_layer": per_layer, "matmul": matmul,
+            "non_embedding": total - embed}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str = "none") -> dict:
+    n = param_counts(cfg)["matmul"]
+    attn = 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
+    model = 6 * n + attn
+    hw = model
+    if recompute == "full":
+        hw += 2 * n + attn // 3
+    elif recompute == "selective":
+        attn_params = 2 * cfg.hidden_size * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
+        hw += 2 * cfg.num_layers * attn_params + attn // 3
+    return {"model": model, "hardware": hw}
+
+
+# Dense peak TFLOP/s per GPU (vendor datasheets, without sparsity).
+PEAK_TFLOPS = {
+    "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},
+    "H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},
+    "H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},
+    "V100": {"fp32": 15.7, "tf32": 15.7, "bf16": 0.0, "fp16": 125.0},
+}
+
+
+def gpu_peak_tflops(device_name: str, dtype: str) -> float | None:
+    for key, table in PEAK_TFLOPS.items():
+        if key in device_name.upper():
+            return table.get(dtype)
+    return None
+
+
+def measure_matmul_peak(dtype=None, n: int = 1024, seconds: float = 0.5) -> float:
+    """Measured matmul FLOP/s of this process (its threads, its device): the CPU's practical peak."""
+    import time
+
+    import torch
+    dtype = dtype or torch.float32
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(n, n, dtype=dtype, device=dev)
+    b = torch.randn(n, n, dtype=dtype, device=dev)
+    for _ in range(2):
+        a @ b
+    iters, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        el = time.perf_counter() - t0
+        if el > seconds:
+            break
+    return 2 * n ** 3 * iters / el
