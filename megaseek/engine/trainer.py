@@ -62,6 +62,20 @@ def prepare_data(cfg: DictConfig, denv: DistEnv):
     return ensure_default_dataset(*args, log=log0)  # returns at once: the files are whole now
 
 
+def global_grad_norm(model: torch.nn.Module, groups: ParallelGroups) -> float:
+    """L2 norm of the full model's gradient: tensor-sharded parameters are summed over the tensor group,
+    replicated ones counted once (on tensor rank 0). Grads are already data-parallel averaged."""
+    sq = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if getattr(p, "tensor_model_parallel", False) or groups.tp.rank == 0:
+            sq += p.grad.detach().double().pow(2).sum().cpu()
+    if groups.tp.size > 1:
+        dist.all_reduce(sq, group=groups.tp.group)
+    return float(sq.sqrt())
+
+
 def measured_peak_flops(env: DistEnv, dtype: str) -> tuple[float, str]:
     """Total peak FLOP/s of the world: datasheet per GPU, or a matmul measured by every CPU rank at once."""
     if env.device.startswith("cuda"):
@@ -78,6 +92,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, layout: Layout, denv: DistEnv, groups: ParallelGroups, run_dir: Path):
         self.cfg, self.layout, self.env, self.groups, self.run_dir = cfg, layout, denv, groups, run_dir
         self.rank0 = denv.rank == 0
+        self.zero_stage = int(cfg.zero.stage)
         self.device = torch.device(denv.device)
 
     # --- build ---
@@ -140,10 +155,12 @@ class Trainer:
         loss_sum, n_in_interval, last = 0.0, 0, None
         ckpt_path = None
         for step in range(start, steps):
-            local = 0.0
+            local, gn = 0.0, None
             for ids, labels in self.loader.micro_batches():
                 loss = self.engine(ids.to(self.device), labels.to(self.device))  # mean token loss of the micro-batch
                 self.engine.backward(loss)
+                if self.engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
+                    gn = global_grad_norm(self.engine.module, self.groups)  # DeepSpeed keeps none at stage 0
                 self.engine.step()
                 local += float(loss.detach()) / lay.grad_accum
             loss_sum += local
@@ -153,7 +170,7 @@ class Trainer:
             if done % log_every == 0 or done == steps:
                 dt = time.perf_counter() - t_log
                 tps = tokens_per_step * n_in_interval / dt
-                gn = self.engine.get_global_grad_norm()
+                gn = self.engine.get_global_grad_norm() if gn is None else gn
                 rec = {"step": done, "loss": self._dp_mean(loss_sum / n_in_interval),
                        "lr": float(self.scheduler.get_last_lr()[0]),
                        "grad_norm": float(gn) if gn is not None else float("nan"),
