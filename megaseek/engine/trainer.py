@@ -24,7 +24,7 @@ from megaseek.dist.tp_layers import RNGTracker, TPContext
 from megaseek.model.config import ModelConfig
 from megaseek.model.decoder import Decoder, greedy_generate
 from megaseek.model.flops import flops_per_token, gpu_peak_tflops, measure_matmul_peak, param_counts
-from megaseek.monitor.metrics import JsonlSink, ProgressSink
+from megaseek.monitor.hub import MetricsHub
 
 
 def resolve_run_dir(run_dir: Optional[str]) -> Path:
@@ -45,21 +45,6 @@ def resolve_run_dir(run_dir: Optional[str]) -> Path:
     p = Path(run_dir).resolve()
     p.mkdir(parents=True, exist_ok=True)
     return p
-
-
-def prepare_data(cfg: DictConfig, denv: DistEnv):
-    """The tokenized dataset and tokenizer, built once by local rank 0 of each node, reused later."""
-    from megaseek.data.prepare import ensure_default_dataset
-    if cfg.data.get("sources"):
-        raise ConfigError("data.sources: named sources need the data pipeline (launch/prepare_data.py); "
-                          "leave data.sources empty to train on the embedded default corpus")
-    root = Path(str(cfg.data.root)).expanduser().resolve()
-    args = (root, int(cfg.model.vocab_size), int(cfg.data.max_bytes), int(cfg.data.tokenizer_sample_bytes))
-    if denv.local_rank == 0:
-        ensure_default_dataset(*args, log=log0)
-    if dist.is_initialized():
-        dist.barrier()
-    return ensure_default_dataset(*args, log=log0)  # returns at once: the files are whole now
 
 
 def global_grad_norm(model: torch.nn.Module, groups: ParallelGroups) -> float:
@@ -97,17 +82,13 @@ class Trainer:
 
     # --- build ---
     def build(self):
-        from megaseek.data.loader import BatchPlan, ResumableLoader, TokenWindows
-        from megaseek.data.shards import open_shard
+        from megaseek.data.api import build_data
+        from megaseek.data.loader import BatchPlan
         from megaseek.engine.build import build_engine
         cfg, lay = self.cfg, self.layout
-        self.data_dir = prepare_data(cfg, self.env)
-        tokens = open_shard(self.data_dir / "tokens.bin")
-        vf = float(cfg.data.get("valid_fraction", 0.0))
-        self.train_data = TokenWindows(tokens, lay.seq_len, vf, "train")
-        self.valid_data = TokenWindows(tokens, lay.seq_len, vf, "valid") if vf > 0 else None
         plan = BatchPlan(lay.global_batch, lay.micro_batch, lay.dp, self.groups.dp.rank)
-        self.loader = ResumableLoader(self.train_data, plan, int(cfg.seed))
+        self.data = build_data(cfg, self.env.local_rank, plan, lay.seq_len, int(cfg.seed), log=log0)
+        self.loader = self.data.train
 
         self.mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
         self.ctx = TPContext.from_axis(self.groups.tp, lay.sequence_parallel)
@@ -148,8 +129,8 @@ class Trainer:
         steps, log_every = int(cfg.train.steps), int(cfg.train.log_interval)
         save_every = int(cfg.train.save_interval)
         start = self.maybe_resume()
-        sink = JsonlSink(self.run_dir / "metrics.jsonl") if self.rank0 else None
-        bar = ProgressSink(steps, start) if (self.rank0 and cfg.logging.get("progress", True)) else None
+        hub = MetricsHub(cfg.logging, self.run_dir, self.env.rank, lay.world_size, steps, start,
+                         OmegaConf.to_container(cfg, resolve=True))
         tokens_per_step = lay.global_batch * lay.seq_len
         t_start = t_log = time.perf_counter()
         loss_sum, n_in_interval, last = 0.0, 0, None
@@ -177,19 +158,13 @@ class Trainer:
                        "tokens_per_s": tps, "tokens_per_s_per_rank": tps / lay.world_size,
                        "samples": done * lay.global_batch, "mfu": self.flops["model"] * tps / self.peak,
                        "hfu": self.flops["hardware"] * tps / self.peak, "step_time_s": dt / n_in_interval}
-                last = rec
-                if sink:
-                    sink.write(rec)
+                last = hub.log(rec)
                 loss_sum, n_in_interval, t_log = 0.0, 0, time.perf_counter()
-            if bar:
-                bar.update(done, rec)
+            hub.progress(done, rec)
             if done % save_every == 0 or done == steps:
                 ckpt_path = ckpt.save(self.engine, self.run_dir, done, self.client_state(done))
         wall = time.perf_counter() - t_start
-        if bar:
-            bar.close()
-        if sink:
-            sink.close()
+        hub.close()
         if ckpt_path is None and ckpt.latest_tag(self.run_dir):
             ckpt_path = ckpt.checkpoint_dir(self.run_dir) / ckpt.latest_tag(self.run_dir)
         return {"steps": steps, "steps_this_run": steps - start, "tokens": steps * tokens_per_step,
@@ -202,7 +177,7 @@ class Trainer:
         if n <= 0:
             return None
         from megaseek.data.tokenizer import load_tokenizer
-        tok = load_tokenizer(self.data_dir / "tokenizer.json")
+        tok = load_tokenizer(self.data.tokenizer_path)
         prompt = str(self.cfg.train.get("sample_prompt", "def "))
         ids = torch.tensor([tok.encode(prompt).ids], device=self.device)
         out = greedy_generate(self.engine.module, ids, n)
