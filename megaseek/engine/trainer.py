@@ -123,43 +123,93 @@ class Trainer:
             dist.all_reduce(t, group=self.groups.dp.group)
         return float(t.item()) / self.groups.dp.size
 
+    # --- one step ---
+    def train_step(self) -> dict:
+        """One optimizer step over this rank's micro-batches of the next global batch.
+        Returns this rank's mean micro-batch loss, the global grad norm (None: ask the engine) and timings.
+        Timers are host-side (no device sync): on GPUs forward/backward times include queued kernels."""
+        lay = self.layout
+        t0 = time.perf_counter()
+        micro = self.loader.micro_batches()
+        t_data = time.perf_counter() - t0
+        local, gn, t_fwd, t_bwd, t_opt = 0.0, None, 0.0, 0.0, 0.0
+        for ids, labels in micro:
+            t1 = time.perf_counter()
+            loss = self.engine(ids.to(self.device), labels.to(self.device))  # mean token loss of the micro-batch
+            t2 = time.perf_counter()
+            self.engine.backward(loss)
+            t3 = time.perf_counter()
+            if self.engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
+                gn = global_grad_norm(self.engine.module, self.groups)  # DeepSpeed keeps none at stage 0
+            self.engine.step()
+            t4 = time.perf_counter()
+            t_fwd, t_bwd, t_opt = t_fwd + t2 - t1, t_bwd + t3 - t2, t_opt + t4 - t3
+            local += float(loss.detach()) / lay.grad_accum
+        if gn is None:
+            gn = self.engine.get_global_grad_norm()
+        return {"loss": local, "grad_norm": float(gn) if gn is not None else float("nan"),
+                "time_data_s": t_data, "time_forward_s": t_fwd, "time_backward_s": t_bwd, "time_step_s": t_opt}
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[dict]:
+        """Mean token loss over a fixed held-out set (the first eval_batches x global_batch validation
+        windows, split across data-parallel ranks) and its perplexity."""
+        if self.data.valid is None:
+            return None
+        lay = self.layout
+        n = min(len(self.data.valid), int(self.cfg.train.get("eval_batches", 4)) * lay.global_batch)
+        per_rank = n // lay.dp
+        if per_rank < 1:
+            return None
+        mine = range(self.groups.dp.rank * per_rank, (self.groups.dp.rank + 1) * per_rank)
+        self.engine.eval()
+        total = 0.0
+        for k in range(0, per_rank, lay.micro_batch):
+            ids, labels = self.data.valid.batch(list(mine[k:k + lay.micro_batch]))
+            total += float(self.engine(ids.to(self.device), labels.to(self.device))) * ids.shape[0]
+        self.engine.train()
+        val = self._dp_mean(total / per_rank)
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
     # --- loop ---
     def fit(self) -> dict:
         cfg, lay = self.cfg, self.layout
         steps, log_every = int(cfg.train.steps), int(cfg.train.log_interval)
         save_every = int(cfg.train.save_interval)
+        eval_every = int(cfg.train.get("eval_interval", 0) or 0)
         start = self.maybe_resume()
         hub = MetricsHub(cfg.logging, self.run_dir, self.env.rank, lay.world_size, steps, start,
                          OmegaConf.to_container(cfg, resolve=True))
         tokens_per_step = lay.global_batch * lay.seq_len
         t_start = t_log = time.perf_counter()
-        loss_sum, n_in_interval, last = 0.0, 0, None
-        ckpt_path = None
+        acc: dict[str, float] = {}
+        n_in_interval, last, ckpt_path = 0, None, None
         for step in range(start, steps):
-            local, gn = 0.0, None
-            for ids, labels in self.loader.micro_batches():
-                loss = self.engine(ids.to(self.device), labels.to(self.device))  # mean token loss of the micro-batch
-                self.engine.backward(loss)
-                if self.engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
-                    gn = global_grad_norm(self.engine.module, self.groups)  # DeepSpeed keeps none at stage 0
-                self.engine.step()
-                local += float(loss.detach()) / lay.grad_accum
-            loss_sum += local
+            out = self.train_step()
+            for k, v in out.items():
+                if k != "grad_norm":
+                    acc[k] = acc.get(k, 0.0) + v
             n_in_interval += 1
             done = step + 1
             rec = None
             if done % log_every == 0 or done == steps:
                 dt = time.perf_counter() - t_log
                 tps = tokens_per_step * n_in_interval / dt
-                gn = self.engine.get_global_grad_norm() if gn is None else gn
-                rec = {"step": done, "loss": self._dp_mean(loss_sum / n_in_interval),
-                       "lr": float(self.scheduler.get_last_lr()[0]),
-                       "grad_norm": float(gn) if gn is not None else float("nan"),
+                rec = {"step": done, "loss": self._dp_mean(acc.pop("loss") / n_in_interval),
+                       "lr": float(self.scheduler.get_last_lr()[0]), "grad_norm": out["grad_norm"],
                        "tokens_per_s": tps, "tokens_per_s_per_rank": tps / lay.world_size,
                        "samples": done * lay.global_batch, "mfu": self.flops["model"] * tps / self.peak,
-                       "hfu": self.flops["hardware"] * tps / self.peak, "step_time_s": dt / n_in_interval}
+                       "hfu": self.flops["hardware"] * tps / self.peak,
+                       "model_tflops": self.flops["model"] * tps / 1e12, "step_time_s": dt / n_in_interval,
+                       "skipped_steps": int(getattr(self.engine, "skipped_steps", 0))}
+                rec.update({k: v / n_in_interval for k, v in acc.items()})
+                scale = getattr(self.engine.optimizer, "cur_scale", None)
+                if str(cfg.precision.name) == "fp16" and scale is not None:
+                    rec["loss_scale"] = float(scale)
+                if eval_every and (done % eval_every == 0 or done == steps):
+                    rec.update(self.evaluate() or {})
                 last = hub.log(rec)
-                loss_sum, n_in_interval, t_log = 0.0, 0, time.perf_counter()
+                acc, n_in_interval, t_log = {}, 0, time.perf_counter()
             hub.progress(done, rec)
             if done % save_every == 0 or done == steps:
                 ckpt_path = ckpt.save(self.engine, self.run_dir, done, self.client_state(done))
