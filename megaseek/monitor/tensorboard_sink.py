@@ -1,0 +1,30 @@
+"""TensorBoard event files in `run_dir/tensorboard` (rank 0). Tags are `<group>/<key>` (train/loss,
+perf/mfu, time/time_forward_s, sys/rss_gb, ...), the x axis the optimizer step. A resumed run purges
+events at and after its start step, so a crash between a log and a checkpoint leaves no doubled curve."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from megaseek.monitor.schema import NOT_SCALARS, numeric, tag
+
+
+class TensorBoardSink:
+    def __init__(self, log_dir: Path, start_step: int = 0, flush_secs: int = 10, config_text: Optional[str] = None):
+        from torch.utils.tensorboard import SummaryWriter
+        self.log_dir = Path(log_dir)
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step if start_step > 0 else None,
+                                    flush_secs=int(flush_secs))
+        if config_text and start_step == 0:
+            self.writer.add_text("config", "```\n" + config_text + "\n```", 0)
+
+    def write(self, record: dict) -> None:
+        step = int(record["step"])
+        for key, value in record.items():
+            x = numeric(value)
+            if x is not None and key not in NOT_SCALARS:
+                self.writer.add_scalar(tag(key), x, step)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()

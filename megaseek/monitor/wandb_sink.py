@@ -1,0 +1,97 @@
+"""Weights & Biases (rank 0). Files go under `run_dir/wandb/`.
+
+Mode: `logging.wandb.mode` = `auto` (online when WANDB_API_KEY is set, else offline), `offline`,
+`online` or `disabled`. An online start that fails (no login, no network) falls back to offline with
+a warning: a run never dies for its dashboard. Offline runs are uploaded later with `wandb sync`.
+
+Run identity: the id is kept in `run_dir/wandb/megaseek_run_id`, so a run started again in the same
+run_dir (a resume) continues the same wandb run (`resume="allow"`). Name, config and tags come from the
+Hydra config: name = `logging.wandb.name` or the run directory's name; config = the resolved config (plus
+the Hydra command-line overrides when Hydra is running); tags = `logging.wandb.tags` + model, precision,
+ZeRO stage and layout.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+from megaseek.monitor.schema import NOT_SCALARS, numeric, tag
+
+ID_FILE = "megaseek_run_id"
+
+
+def resolve_mode(mode: Optional[str]) -> str:
+    mode = str(mode or "auto").lower()
+    if mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    if mode not in ("online", "offline", "disabled"):
+        raise ValueError(f"logging.wandb.mode={mode}: use auto, online, offline or disabled")
+    return mode
+
+
+def _auto_tags(run_config: dict) -> list[str]:
+    c = run_config or {}
+    tags = []
+    model = (c.get("model") or {}).get("name")
+    prec = (c.get("precision") or {}).get("name")
+    zero = (c.get("zero") or {}).get("stage")
+    par = c.get("parallel") or {}
+    if model:
+        tags.append(f"model:{model}")
+    if prec:
+        tags.append(f"precision:{prec}")
+    if zero is not None:
+        tags.append(f"zero:{zero}")
+    if par:
+        tags.append(f"tp{par.get('tp', 1)}-pp{par.get('pp', 1)}")
+    return tags
+
+
+def _hydra_overrides() -> Optional[list]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        if HydraConfig.initialized():
+            return list(HydraConfig.get().overrides.task)
+    except Exception:
+        pass
+    return None
+
+
+class WandbSink:
+    def __init__(self, cfg: Any, run_dir: Path, run_config: Optional[dict], world_size: int = 1):
+        import wandb
+        self.mode = resolve_mode(cfg.get("mode"))
+        wdir = Path(run_dir) / "wandb"
+        wdir.mkdir(parents=True, exist_ok=True)
+        id_path = wdir / ID_FILE
+        self.run_id = id_path.read_text().strip() if id_path.exists() else secrets.token_hex(4)
+        id_path.write_text(self.run_id)
+        config = dict(run_config or {})
+        config["world_size"] = world_size
+        overrides = _hydra_overrides()
+        if overrides is not None:
+            config["hydra_overrides"] = overrides
+        tags = [str(t) for t in (cfg.get("tags") or [])] + _auto_tags(run_config or {})
+        kwargs = dict(project=cfg.get("project") or "megaseek", entity=cfg.get("entity") or None,
+                      name=cfg.get("name") or Path(run_dir).name, group=cfg.get("group") or None,
+                      tags=[t[:64] for t in tags], config=config, id=self.run_id, resume="allow",
+                      dir=str(run_dir), settings=wandb.Settings(
+                          console="off", x_disable_stats=not bool(cfg.get("system_stats", False))))
+        try:
+            self.run = wandb.init(mode=self.mode, **kwargs)
+        except Exception as e:
+            if self.mode != "online":
+                raise
+            warnings.warn(f"[monitor] wandb online start failed ({e}); logging offline (`wandb sync` later)")
+            self.mode = "offline"
+            self.run = wandb.init(mode="offline", **kwargs)
+
+    def write(self, record: dict) -> None:
+        data = {tag(k): x for k, x in ((k, numeric(v)) for k, v in record.items()) if x is not None and k not in NOT_SCALARS}
+        self.run.log(data, step=int(record["step"]))
+
+    def close(self) -> None:
+        self.run.finish()
