@@ -43,11 +43,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str = "none") -> 
     return {"model": model, "hardware": hw}
 
 
-# Dense peak TFLOP/s per GPU (vendor datasheets, without sparsity).
+# Dense peak TFLOP/s per GPU (vendor datasheets, without sparsity). `fp32` is the plain FP32 rate (what
+# PyTorch uses unless TF32 is allowed); SXM boards unless named. Matched in order against the upper-cased
+# device name, so the more specific names come first ("H100 PCIE" before "H100").
 PEAK_TFLOPS = {
     "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},
-    "H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},
-    "H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},
+    "H100 PCIE": {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0, "fp8": 1513.0},
+    "H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9},
+    "H800": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9},
+    "H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9},
     "V100": {"fp32": 15.7, "tf32": 15.7, "bf16": 0.0, "fp16": 125.0},
 }
 
