@@ -1,6 +1,6 @@
 """TensorBoard event files in `run_dir/tensorboard` (rank 0). Tags are `<group>/<key>` (train/loss,
-perf/mfu, time/time_forward_s, sys/rss_gb, ...), the x axis the optimizer step. A resumed run purges
-events at and after its start step, so a crash between a log and a checkpoint leaves no doubled curve."""
+perf/mfu, time/time_forward_s, sys/rss_gb, ...), the x axis the optimizer step. A run resumed from step k
+purges events after k, so a crash between a log and a checkpoint leaves no doubled curve."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +13,7 @@ class TensorBoardSink:
     def __init__(self, log_dir: Path, start_step: int = 0, flush_secs: int = 10, config_text: Optional[str] = None):
         from torch.utils.tensorboard import SummaryWriter
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step if start_step > 0 else None,
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1 if start_step > 0 else None,
                                     flush_secs=int(flush_secs))
         if config_text and start_step == 0:
             self.writer.add_text("config", "```\n" + config_text + "\n```", 0)
