@@ -1,0 +1,33 @@
+"""Prepare a dataset: `python launch/prepare_data.py data=NAME [overrides]`.
+
+Builds (or finds up to date) the tiers raw -> cleaned -> tokenized under `data.root`, each with a
+manifest; `data.verify=true` re-hashes every tier against its manifest, `data.rebuild=[cleaned]`
+rebuilds a tier and the ones after it. Training (`launch/pretrain.py data=NAME`) reads the same tiers.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from megaseek.config.schema import ConfigError
+    from megaseek.data.pipeline import prepare
+    from megaseek.data.spec import DataSpec
+    try:
+        spec = DataSpec.from_config(cfg.data, vocab_size=int(cfg.model.vocab_size))
+        prepare(spec, log=lambda m: print(m, flush=True))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
