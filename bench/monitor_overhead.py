@@ -8,8 +8,9 @@ One process trains the same model from scratch several times, alternating the tw
        communication timing, TensorBoard, wandb or Prometheus;
   on:  all of them: progress bar, system stats, per-rank files, communication timing, TensorBoard,
        wandb (offline, files in the run directory) and a Prometheus endpoint scraped every 0.5 s.
-Step time = wall time between two log records (JSONL `time` stamps; everything the loop does between
-them, hub.log included), over the steady state (the first --warmup-frac of the records are left out).
+Step time = wall time between two consecutive log records / steps between them (JSONL `time` stamps:
+everything the loop does, hub.log included); the median over the steady state (the first --warmup-frac
+of the records are left out), then the median over rounds.
 Also prints the hub's own cost per call (log with every sink, progress), timed directly.
 """
 from __future__ import annotations
@@ -65,8 +66,8 @@ def steady_step_time(run_dir: Path, warmup_frac: float) -> float:
     from megaseek.monitor.metrics import read_metrics
     recs = read_metrics(run_dir / "metrics.jsonl")
     k = min(len(recs) - 2, max(1, int(len(recs) * warmup_frac)))
-    a, b = recs[k], recs[-1]
-    return (b["time"] - a["time"]) / (b["step"] - a["step"])
+    per = [(b["time"] - a["time"]) / (b["step"] - a["step"]) for a, b in zip(recs[k:], recs[k + 1:])]
+    return statistics.median(per)  # robust to bursts from other processes on the machine
 
 
 def train_once(base: list[str], extra: list[str], run_dir: Path) -> None:
@@ -80,7 +81,7 @@ def hub_call_costs(tmp: Path, n: int = 200) -> dict:
     from omegaconf import OmegaConf
     from tests.helpers import compose
     from megaseek.monitor.hub import MetricsHub
-    cfg = compose(on_overrides(free_port()) + ["logging.progress=false"])
+    cfg = compose(on_overrides(free_port()))
     hub = MetricsHub(cfg.logging, tmp / "hubcost", 0, 1, n, 0, OmegaConf.to_container(cfg, resolve=True))
     rec = {"step": 0, "loss": 3.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1e4, "tokens_per_s_per_rank": 1e4,
            "samples": 0, "mfu": 0.1, "hfu": 0.1, "model_tflops": 0.01, "step_time_s": 0.1, "skipped_steps": 0,
@@ -132,7 +133,7 @@ def main() -> None:
                 print(f"[bench] round {rnd} {mode:>3}: {1000 * times[mode][-1]:.2f} ms/step", flush=True)
         costs = hub_call_costs(tmp)
 
-    off, on = statistics.mean(times["off"]), statistics.mean(times["on"])
+    off, on = statistics.median(times["off"]), statistics.median(times["on"])
     per_step = costs["log"] / args.log_interval + costs["progress"]
     print(f"\nmodel={args.model} steps={args.steps} log_interval={args.log_interval} rounds={args.rounds}")
     print(f"step time, monitoring off: {1000 * off:.2f} ms   (runs: {', '.join(f'{1000 * t:.2f}' for t in times['off'])})")

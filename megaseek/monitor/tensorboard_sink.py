@@ -19,11 +19,11 @@ class TensorBoardSink:
             self.writer.add_text("config", "```\n" + config_text + "\n```", 0)
 
     def write(self, record: dict) -> None:
-        step = int(record["step"])
-        for key, value in record.items():
-            x = numeric(value)
-            if x is not None and key not in NOT_SCALARS:
-                self.writer.add_scalar(tag(key), x, step)
+        """One event per record holding every scalar (add_scalar would queue one event per key)."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        values = [Summary.Value(tag=tag(k), simple_value=x)
+                  for k, x in ((k, numeric(v)) for k, v in record.items()) if x is not None and k not in NOT_SCALARS]
+        self.writer._get_file_writer().add_summary(Summary(value=values), int(record["step"]))
 
     def close(self) -> None:
         self.writer.flush()
