@@ -34,7 +34,7 @@ def _record(step: int) -> dict:
             "tokens_per_s": 1000.0 + step, "tokens_per_s_per_rank": 1000.0 + step, "samples": 8 * step,
             "mfu": 0.01 * step, "hfu": 0.015 * step, "model_tflops": 0.5 * step, "step_time_s": 0.25,
             "skipped_steps": 0, "time_data_s": 0.01, "time_forward_s": 0.05, "time_backward_s": 0.1,
-            "time_step_s": 0.05}
+            "time_step_s": 0.05, "loss_scale": 2.0 ** 16}
 
 
 def _config(port: int, extra=()):
@@ -52,7 +52,7 @@ def test_hub_fans_out_to_every_sink_and_resume_continues_the_wandb_run(tmp_path,
     for step in (1, 2, 3):
         rec = _record(step)
         if step == 2:
-            rec.update(val_loss=4.5, val_ppl=math.exp(4.5))
+            rec.update(val_loss=4.5, val_ppl=math.exp(4.5), grad_norm=float("inf"))  # an fp16 overflow
         written.append(hub.log(rec))
         hub.progress(step, rec)
     hub.progress(4, None)
@@ -66,6 +66,7 @@ def test_hub_fans_out_to_every_sink_and_resume_continues_the_wandb_run(tmp_path,
     assert got["megaseek_step"]["0"] == 4  # progress() updates the step between log steps
     assert got["megaseek_process_resident_memory_bytes"]["0"] > 50e6
     assert got["megaseek_run_info"]["0"] == 1
+    assert got["megaseek_loss_scale"]["0"] == 65536.0
     assert time.time() - got["megaseek_last_log_timestamp_seconds"]["0"] < 60
     hub.close()
     with pytest.raises(OSError):  # closed: the port is released
@@ -73,6 +74,8 @@ def test_hub_fans_out_to_every_sink_and_resume_continues_the_wandb_run(tmp_path,
 
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3]
+    assert lines[1]["grad_norm"] == "inf"  # JSON has no inf: kept visible as a string
+    lines[1]["grad_norm"] = float("inf")
     assert lines == [json.loads(json.dumps(w)) for w in written]
     assert lines[2]["peak_tflops"] == pytest.approx(1.5 / 0.03)  # model_tflops / mfu
     assert lines[2]["hardware_tflops"] == pytest.approx(1.5 * 1.5)
@@ -84,6 +87,8 @@ def test_hub_fans_out_to_every_sink_and_resume_continues_the_wandb_run(tmp_path,
     assert [s for s, _ in tb["train/loss"]] == [1, 2, 3]
     assert [v for _, v in tb["train/loss"]] == pytest.approx([4.9, 4.8, 4.7], rel=1e-6)
     assert tb["val/val_loss"] == [(2, pytest.approx(4.5))]
+    assert [v for _, v in tb["train/grad_norm"]] == [2.0, float("inf"), 4.0]
+    assert tb["train/loss_scale"][0][1] == 65536.0
     assert "sys/rss_gb" in tb and "time/time_comm_s" in tb and "perf/mfu" in tb
 
     (first,) = wandb_run(run_dir)
