@@ -7,7 +7,8 @@ Nothing is added to the collectives themselves: no barrier, no device synchroniz
 
 - CPU (gloo): a synchronous collective blocks the caller, so host wall time is its time.
 - CUDA (NCCL): the call returns once the kernel is queued, so each call is bracketed by two CUDA events
-  on the current stream; they are read at `take()` (a log step), never in the hot path.
+  on the current stream, read at `take()` (a log step), never in the hot path; a call counts the larger of
+  its event time and its host time (a gloo collective on CPU tensors blocks the host instead).
 - Asynchronous calls (`async_op=True`) count until they are issued; the wait happens elsewhere.
 Nested calls (all_gather_object -> all_gather) count once. The wrapping is process-wide and reference
 counted, so several hubs in one process share it.
@@ -48,15 +49,17 @@ def _wrap(fn):
             return fn(*args, **kwargs)
         st.local.depth = 1
         try:
-            if st.use_cuda:
+            if st.use_cuda and not torch.cuda.is_current_stream_capturing():
                 start = torch.cuda.Event(enable_timing=True)
                 start.record()
+                t0 = time.perf_counter()
                 try:
                     return fn(*args, **kwargs)
                 finally:
+                    host = time.perf_counter() - t0  # a CPU (gloo) collective in a CUDA job blocks the host
                     end = torch.cuda.Event(enable_timing=True)
                     end.record()
-                    st.events.append((start, end))
+                    st.events.append((start, end, host))
                     st.calls += 1
                     if len(st.events) >= 4096:  # a long interval: read the finished ones now
                         _fold_finished()
@@ -74,11 +77,11 @@ def _wrap(fn):
 
 def _fold_finished() -> None:
     st, keep = _State, []
-    for start, end in st.events:
+    for start, end, host in st.events:
         if end.query():
-            st.seconds += start.elapsed_time(end) / 1000.0
+            st.seconds += max(host, start.elapsed_time(end) / 1000.0)
         else:
-            keep.append((start, end))
+            keep.append((start, end, host))
     st.events = keep
 
 
@@ -123,12 +126,12 @@ class CommTimer:
         with st.lock:
             secs, calls, events = st.seconds, st.calls, st.events
             st.seconds, st.calls, st.events = 0.0, 0, []
-        for start, end in events:
+        for start, end, host in events:
             try:
                 end.synchronize()
-                secs += start.elapsed_time(end) / 1000.0
-            except Exception:  # an event on a stream that never ran: nothing to add
-                pass
+                secs += max(host, start.elapsed_time(end) / 1000.0)
+            except Exception:  # an event that never ran: count the host time
+                secs += host
         return secs, calls
 
     def uninstall(self) -> None:
