@@ -1,0 +1,75 @@
+"""Communication volume per step and per GPU, and its time on the preset's network.
+
+Volumes are the logical sizes Megatron and the ZeRO paper use (S = the full tensor); bytes a GPU puts on
+the wire in a ring are 2 (n-1)/n S for an all-reduce and (n-1)/n S for an all-gather or reduce-scatter.
+
+Tensor parallel, per micro-batch: per layer 2 all-reduces of the (b, s, h) activations forward (attention
+and MLP outputs) and 2 backward (the input gradients of the two column-parallel regions), +2 forward with
+full recomputation (+1 selective); the embedding's forward and the head's backward add one each. With
+sequence parallelism each all-reduce is an all-gather + reduce-scatter: the same volume.
+kv heads fewer than t are replicated: their weight gradients are all-reduced every micro-batch.
+
+Data parallel (Psi = w N):  ZeRO-0 all-reduce 2 Psi once per step;  ZeRO-1 reduce-scatter + all-gather
+(2 Psi);  ZeRO-2 reduce-scatter every micro-batch (m Psi) + all-gather Psi;  ZeRO-3 all-gather forward and
+backward and reduce-scatter every micro-batch (3 m Psi).  All times (n-1)/n.
+
+Pipeline: each stage boundary sends the (b, s|s/t, h) activation forward and its gradient backward per
+micro-batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megaseek.planner.hardware import Hardware
+from megaseek.planner.memory import stage_params
+from megaseek.planner.setup import Setup
+
+
+@dataclass
+class Comm:
+    tp_bytes: float        # logical bytes per step per GPU, tensor group
+    dp_bytes: float
+    pp_bytes: float
+    tp_time: float         # seconds per step (ring, preset bandwidth); 0 when the group has one rank
+    dp_time: float
+    pp_time: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.tp_bytes + self.dp_bytes + self.pp_bytes
+
+
+def tp_allreduces_per_layer(checkpointing: str) -> int:
+    return 4 + {"none": 0, "selective": 1, "full": 2}[checkpointing]
+
+
+def estimate_comm(st: Setup, hw: Hardware) -> Comm:
+    m, a, t, D = st.model, st.bytes_per_value, st.tp, st.dp
+    mb = st.grad_accum
+    act = a * st.micro_batch * st.seq_len * m.hidden_size          # one (b, s, h) tensor
+    stages = stage_params(m, t, st.pp, st.partition)
+    layers = max(s.layers for s in stages)
+    N = max(s.params for s in stages)
+
+    tp_ops = 0.0
+    if t > 1:
+        per_mb = layers * tp_allreduces_per_layer(st.checkpointing) * act + 2 * act
+        if m.num_kv_heads < t:
+            per_mb += layers * 2 * m.num_kv_heads * m.head_dim * m.hidden_size * a
+        tp_ops = per_mb * mb
+    tp_wire = 2 * (t - 1) / t * tp_ops if t > 1 else 0.0
+
+    psi = st.bytes_per_value * N
+    factor = {0: 2.0, 1: 2.0, 2: mb + 1.0, 3: 3.0 * mb}[st.zero_stage]
+    dp_ops = factor * psi if D > 1 else 0.0
+    dp_wire = (D - 1) / D * dp_ops if D > 1 else 0.0
+
+    pp_ops = 2.0 * mb * act / (t if st.sp else 1) if st.pp > 1 else 0.0
+
+    def secs(wire, span):
+        bw = hw.busbw(span)
+        return wire / bw if wire and bw else 0.0
+
+    return Comm(tp_bytes=tp_ops, dp_bytes=dp_ops, pp_bytes=pp_ops,
+                tp_time=secs(tp_wire, t), dp_time=secs(dp_wire, t * D),
+                pp_time=secs(pp_ops, t * D + 1))

@@ -1,0 +1,243 @@
+"""Memory per GPU (or per CPU rank) of one training step: what this codebase and DeepSpeed allocate.
+
+Notation: N = parameters held by this rank (after tensor and pipeline sharding), D = data-parallel size,
+w = bytes of a model value (4 fp32, 2 bf16/fp16), T = b s tokens of a micro-batch, t = tensor degree.
+
+Model states (resident), DeepSpeed with torch AdamW (fp32 exp_avg + exp_avg_sq):
+
+    stage   parameters   gradients   optimizer (fp32 master + m + v)
+    0       w N          w N         (4 if w < 4 else 0) N + 8 N
+    1       w N          w N         12 N / D        (DeepSpeed keeps an fp32 partition even for fp32 models)
+    2       w N          w N / D     12 N / D
+    3       w N / D      w N / D     12 N / D
+    offload_optimizer moves the optimizer column (and fp32 gradient partition) to host memory;
+    offload_param (stage 3) moves the parameter partition too.
+
+Transient on top (the peak is the largest phase, not the sum):
+  backward   activations of the micro-batches in flight + the gradient reduce bucket; ZeRO-3 also the
+             gathered parameters (DeepSpeed keeps up to stage3_max_live_parameters of them from the forward
+             to the backward) and the full gradient of the largest parameter before its reduce-scatter
+  boundary   stage 0: DeepSpeed all-reduces the flattened gradients (a copy of min(N, bucket) values)
+  step       stages 1-2: the flattening of the gradient partition holds own-partition grads, the averaged
+             partition and its flat copy (3 w N/D, + 4 N/D fp32 when w < 4); then the fp32 gradient and
+             AdamW's foreach temporary (8 N/D). Stage 0: AdamW's foreach temporary 4 N (+ fp32 grads).
+
+Activations per layer and micro-batch (bytes), read off the saved tensors of megaseek/model (a = w):
+
+    RMSNorm x2     (4 + 2a) T h         fp32 input copy, x/rms, scaled output the linears save
+                   with SP: (4 + a) T h / t + a T h (the all-gathered output the column-parallel layers save)
+    attention      a T (2 h/t + 2 h_kv/t) + 4 b (n_h/t) s    q, k, v, output, logsumexp (flash kernel)
+    SwiGLU         4 a T i / t          gate, silu(gate), up, product
+    selective      a T h (block input) + norm + SwiGLU; the attention is recomputed
+    full           a T h per layer (+ one layer recomputed during backward)
+  LM head and loss (last stage): final norm + logits workspace (12 + a) T V_pad / t.
+  With 1F1B pipelining stage k holds min(pp - k, m) micro-batches.
+"""
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass, field
+from typing import Optional
+
+from megaseek.model.config import ModelConfig
+from megaseek.planner.hardware import Hardware
+from megaseek.planner.setup import Setup
+
+
+def padded_vocab(m: ModelConfig, tp: int) -> int:
+    """As megaseek.dist.tp_layers.padded_vocab_size: a multiple of tp * pad_vocab_multiple."""
+    mult = tp * max(1, m.pad_vocab_multiple)
+    return ((m.vocab_size + mult - 1) // mult) * mult
+
+
+def kv_heads_local(m: ModelConfig, tp: int) -> int:
+    """kv heads a tensor rank computes: nkv/t when it divides, else one (replicated KVProjection)."""
+    return m.num_kv_heads // tp if m.num_kv_heads >= tp else 1
+
+
+def layer_params(m: ModelConfig, tp: int) -> int:
+    """Parameters of one decoder block on one tensor rank."""
+    h, d = m.hidden_size, m.head_dim
+    q_o = 2 * h * m.num_heads * d // tp
+    kv = 2 * h * m.num_kv_heads * d // tp if m.num_kv_heads >= tp else 2 * h * m.num_kv_heads * d  # replicated
+    return q_o + kv + 3 * h * m.intermediate_size // tp + 2 * h
+
+
+def stage_ranges(m: ModelConfig, pp: int, method: str = "parameters") -> list[tuple[int, int]]:
+    if pp == 1:
+        return [(0, m.num_layers)]
+    try:
+        from megaseek.pipeline.partition import partition
+        return partition(m, pp, method)
+    except ImportError:  # the pipeline package is optional for planning: fall back to equal layer counts
+        base, extra = divmod(m.num_layers, pp)
+        out, start = [], 0
+        for s in range(pp):
+            n = base + (1 if s < extra else 0)
+            out.append((start, start + n))
+            start += n
+        return out
+
+
+def largest_param(m: ModelConfig, tp: int) -> int:
+    h = m.hidden_size
+    return max(padded_vocab(m, tp) * h // tp, h * m.intermediate_size // tp, h * m.num_heads * m.head_dim // tp)
+
+
+@dataclass
+class StageParams:
+    stage: int
+    layers: int
+    params: int          # on one tensor rank of this stage
+    embed: bool
+    head: bool
+
+
+_STAGE_CACHE: dict = {}
+
+
+def stage_params(m: ModelConfig, tp: int, pp: int, method: str = "parameters") -> list[StageParams]:
+    key = (astuple(m), tp, pp, method)
+    if key not in _STAGE_CACHE:
+        _STAGE_CACHE[key] = _stage_params(m, tp, pp, method)
+    return _STAGE_CACHE[key]
+
+
+def _stage_params(m: ModelConfig, tp: int, pp: int, method: str) -> list[StageParams]:
+    vp, h = padded_vocab(m, tp), m.hidden_size
+    out = []
+    for s, (lo, hi) in enumerate(stage_ranges(m, pp, method)):
+        first, last = s == 0, s == pp - 1
+        n = (hi - lo) * layer_params(m, tp)
+        if first or (last and m.tie_embeddings):
+            n += vp * h // tp                      # embedding (or the tied copy on the last stage)
+        if last:
+            n += h + (0 if m.tie_embeddings else vp * h // tp)  # final norm + LM head
+        out.append(StageParams(s, hi - lo, n, first, last))
+    return out
+
+
+def layer_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a: int) -> dict:
+    """Saved-for-backward bytes of one decoder block for one micro-batch, by part."""
+    T, h, i, d = b * s, m.hidden_size, m.intermediate_size, m.head_dim
+    nh_l = m.num_heads // tp
+    kv_l = kv_heads_local(m, tp)
+    if sp:   # sharded input (fp32 copy) and x/rms (a) saved; the all-gathered output saved by the linears
+        norm = (4 + a) * T * h // tp + 4 * T // tp + a * T * h
+    else:    # fp32 input copy, x/rms, and the scaled output the linears save
+        norm = (4 + 2 * a) * T * h + 4 * T
+    # q, k, v (after RoPE), the attention output (its (b, s, h/t) reshape for o_proj is a view of the
+    # flash kernel's output), the fp32 logsumexp
+    attn = a * T * (2 * nh_l * d + 2 * kv_l * d) + 4 * b * nh_l * s
+    mlp = 4 * a * T * i // tp
+    block_in = a * T * h // (tp if sp else 1)
+    return {"norm": norm, "attn": attn, "mlp": mlp, "block_in": block_in,
+            "none": 2 * norm + attn + mlp,
+            "selective": block_in + norm + mlp,
+            "full": block_in,
+            "attn_sublayer": norm + attn}
+
+
+def head_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a: int) -> dict:
+    """Final norm and loss of the last stage: the saved log-softmax (fp32), and the workspace at its peak
+    (logits, their fp32 copy, shifted/exp/softmax or the loss gradient: (12 + a) bytes per logit)."""
+    T, h = b * s, m.hidden_size
+    norm = layer_activation_bytes(m, b, s, tp, sp, a)["norm"]
+    v_local = padded_vocab(m, tp) // tp
+    return {"norm": norm, "logits_saved": 4 * T * v_local, "logits": (12 + a) * T * v_local}
+
+
+def activation_bytes(st: Setup, stage: StageParams) -> dict:
+    """Peak activation memory of one pipeline stage during backward, with its parts."""
+    m, a = st.model, st.bytes_per_value
+    per = layer_activation_bytes(m, st.micro_batch, st.seq_len, st.tp, st.sp, a)
+    in_flight = min(st.pp - stage.stage, st.grad_accum) if st.pp > 1 else 1
+    kept = per[st.checkpointing] * stage.layers * in_flight
+    recompute = {"none": 0, "selective": per["attn_sublayer"], "full": per["none"]}[st.checkpointing]
+    head = head_activation_bytes(m, st.micro_batch, st.seq_len, st.tp, st.sp, a) if stage.head else \
+        {"norm": 0, "logits": 0, "logits_saved": 0}
+    # the loss workspace exists only at the end of the forward / start of the backward; recompute later
+    total = kept + max(head["norm"] + head["logits"], recompute)
+    return {"per_layer": per[st.checkpointing], "layers": stage.layers, "in_flight": in_flight,
+            "layers_total": kept, "recompute": recompute, "head": head["norm"] + head["logits"],
+            "saved_after_forward": kept + head["norm"] + head["logits_saved"], "total": total}
+
+
+@dataclass
+class Memory:
+    """Bytes per rank at the peak. parameters + gradients + optimizer + activations + buffers + runtime = peak."""
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    buffers: float
+    runtime: float
+    peak: float
+    host: float                       # offloaded states per rank (host memory)
+    capacity: Optional[float]
+    stage: int                        # the pipeline stage with the largest peak
+    params_on_rank: int
+    phase: str                        # which phase sets the peak: backward | boundary | step
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity is None or self.peak <= self.capacity
+
+    @property
+    def headroom(self) -> Optional[float]:
+        return None if self.capacity is None else self.capacity - self.peak
+
+
+def _stage_memory(st: Setup, hw: Hardware, sp_: StageParams, runtime: float) -> Memory:
+    N, D, w, z = sp_.params, st.dp, st.bytes_per_value, st.zero_stage
+    touched = not hw.is_gpu  # on CPU an empty bucket costs only the pages written (RSS); on GPU all of it
+    bucket = lambda elems: min(elems, N) * w if touched else elems * w  # noqa: E731
+
+    params = w * N / D if z == 3 else w * N
+    grads = w * N if z <= 1 else w * N / D
+    opt = (12 * N / D) if z >= 1 else (8 * N + (4 * N if w < 4 else 0))
+    host = 0.0
+    if st.offload_optimizer and z >= 1:
+        host += opt + 4 * N / D                 # fp32 master + moments + fp32 gradient partition
+        opt = 0.0
+        grads = 0.0 if z >= 2 else grads
+    if st.offload_param and z == 3:
+        host += params
+        params = 0.0
+
+    act = activation_bytes(st, sp_)
+    # backward: gradient reduce bucket (stages 1-3), ZeRO-3 gather working set (prefetch bucket)
+    bwd_buf = 0.0
+    if z >= 1:
+        bwd_buf += bucket(st.reduce_bucket_size)
+    if z == 3:  # gathered parameters stay live from forward to backward (stage3_max_live_parameters),
+        # plus the full gradient of the largest parameter before its reduce-scatter
+        bwd_buf += w * min(N, st.max_live_parameters) + w * largest_param(st.model, st.tp)
+    # boundary (stage 0): the flattened copy of all gradients for the data-parallel all-reduce
+    boundary = bucket(st.allreduce_bucket_size) if z == 0 else 0.0
+    # step: relative to the resident gradients, which the step frees
+    if st.offload_optimizer and z >= 1:
+        step_ws = 0.0                            # the CPU optimizer steps in host memory
+    elif z == 0:
+        step_ws = (4 * N if w < 4 else 0) + 4 * N - (grads if w < 4 else 0)  # fp32 grads + foreach temp
+    else:
+        flat = 3 * w * N / D + (4 * N / D if w < 4 else 0)   # own grads + averaged partition + flat copy
+        step_ws = max(flat, 8 * N / D) - grads                # then fp32 grad + AdamW foreach temporary
+        if z == 3:
+            step_ws += bucket(st.reduce_bucket_size)          # ZeRO-3 keeps its reduce bucket allocated
+    states = params + grads + opt
+    phases = {"backward": act["total"] + bwd_buf, "boundary": boundary, "step": step_ws}
+    phase = max(phases, key=phases.get)
+    peak = runtime + states + phases[phase]
+    buffers = peak - runtime - states - act["total"]
+    return Memory(parameters=params, gradients=grads, optimizer=opt, activations=act["total"],
+                  buffers=max(0.0, buffers), runtime=runtime, peak=max(peak, runtime + states + act["total"]),
+                  host=host, capacity=hw.capacity_bytes, stage=sp_.stage, params_on_rank=N, phase=phase,
+                  detail={"activation": act, "phases": phases, "backward_buffers": bwd_buf})
+
+
+def estimate_memory(st: Setup, hw: Hardware, runtime_bytes: Optional[float] = None) -> Memory:
+    """The peak over pipeline stages (every tensor/data rank of a stage holds the same amount)."""
+    runtime = hw.runtime_gb * 1e9 if runtime_bytes is None else float(runtime_bytes)
+    stages = stage_params(st.model, st.tp, st.pp, st.partition)
+    return max((_stage_memory(st, hw, s, runtime) for s in stages), key=lambda mem: mem.peak)
