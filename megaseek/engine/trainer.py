@@ -238,6 +238,8 @@ def pretrain(cfg: DictConfig) -> dict:
     """Run one pretraining job (every rank calls this). Returns the summary (also in run_dir/summary.json)."""
     world = world_size_from_env()
     layout = validate(cfg, world, has_cuda=select_accelerator())  # refuse bad config before any work
+    from megaseek.planner.preflight import preflight
+    preflight(cfg, world, log0)  # export the cluster preset's NCCL settings; refuse a layout that does not fit
     if layout.pp > 1:
         raise ConfigError(f"parallel.pp={layout.pp}: pipeline parallelism is not available yet; use parallel.pp=1")
     denv = init_distributed()

@@ -66,10 +66,10 @@ def estimate_comm(st: Setup, hw: Hardware) -> Comm:
 
     pp_ops = 2.0 * mb * act / (t if st.sp else 1) if st.pp > 1 else 0.0
 
-    def secs(wire, span):
-        bw = hw.busbw(span)
+    def secs(wire, size, stride):
+        bw = hw.busbw(size, stride)
         return wire / bw if wire and bw else 0.0
 
     return Comm(tp_bytes=tp_ops, dp_bytes=dp_ops, pp_bytes=pp_ops,
-                tp_time=secs(tp_wire, t), dp_time=secs(dp_wire, t * D),
-                pp_time=secs(pp_ops, t * D + 1))
+                tp_time=secs(tp_wire, t, 1), dp_time=secs(dp_wire, D, t),
+                pp_time=secs(pp_ops, 2, t * D))

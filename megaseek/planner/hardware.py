@@ -35,7 +35,7 @@ class Hardware:
     memory_gb: Optional[float] = None  # device memory per GPU (GB = 1e9 bytes); None: no limit checked
     peak_tflops: Mapping[str, float] = field(default_factory=dict)  # per GPU, dense, by precision
     intra_node_busbw: float = 0.0    # GB/s per GPU inside a node (NVLink)
-    inter_node_busbw: float = 0.0    # GB/s per GPU across nodes (InfiniBand / Ethernet)
+    inter_node_busbw: float = 0.0    # GB/s of one network rail (the NIC of one GPU) across nodes
     hbm_bandwidth: float = 0.0       # GB/s per GPU (optimizer step is memory-bound)
     compute_efficiency: float = 0.6  # fraction of peak FLOP/s the model's kernels reach
     runtime_gb: float = 0.0          # CUDA context, NCCL/cuBLAS workspaces, allocator slack per GPU
@@ -62,12 +62,16 @@ class Hardware:
         tf = table.get(precision)
         return float(tf) * 1e12 if tf else None
 
-    def busbw(self, group_span_ranks: int) -> float:
-        """Bus bandwidth (bytes/s) of a collective whose group spans `group_span_ranks` consecutive ranks:
-        inside one node NVLink, otherwise the inter-node network."""
+    def busbw(self, size: int, stride: int = 1) -> float:
+        """Bus bandwidth (bytes/s) of a collective over `size` ranks `stride` ranks apart (tensor groups:
+        stride 1; data-parallel groups: stride tp). Inside one node: NVLink. Across nodes every node
+        sends through one network rail (NIC) per group member it holds, so the group gets
+        members-per-node x the per-rail bandwidth, at most the NVLink figure."""
         gpn = max(1, self.gpus_per_node)
-        bw = self.intra_node_busbw if group_span_ranks <= gpn else self.inter_node_busbw
-        return bw * GB if bw else 0.0
+        if size * stride <= gpn or not self.inter_node_busbw:
+            return self.intra_node_busbw * GB
+        per_node = max(1, gpn // stride) if stride < gpn else 1
+        return min(self.intra_node_busbw or float("inf"), per_node * self.inter_node_busbw) * GB
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> "Hardware":

@@ -188,22 +188,31 @@ class Memory:
         return None if self.capacity is None else self.capacity - self.peak
 
 
+def model_states(N: float, D: int, w: int, z: int, offload_optimizer: bool = False,
+                 offload_param: bool = False) -> dict:
+    """Resident bytes per rank of parameters, gradients and optimizer states (the table above); `host` is
+    what offloading moves to host memory. With w = 2 these are the ZeRO paper's (2 + 2 + K) Psi, ..., K = 12."""
+    params = w * N / D if z == 3 else w * N
+    grads = w * N if z <= 1 else w * N / D
+    opt = (12 * N / D) if z >= 1 else (8 * N + (4 * N if w < 4 else 0))
+    host = 0.0
+    if offload_optimizer and z >= 1:
+        host += opt + 4 * N / D                 # fp32 master + moments + fp32 gradient partition
+        opt = 0.0
+        grads = 0.0 if z >= 2 else grads
+    if offload_param and z == 3:
+        host += params
+        params = 0.0
+    return {"parameters": params, "gradients": grads, "optimizer": opt, "host": host}
+
+
 def _stage_memory(st: Setup, hw: Hardware, sp_: StageParams, runtime: float) -> Memory:
     N, D, w, z = sp_.params, st.dp, st.bytes_per_value, st.zero_stage
     touched = not hw.is_gpu  # on CPU an empty bucket costs only the pages written (RSS); on GPU all of it
     bucket = lambda elems: min(elems, N) * w if touched else elems * w  # noqa: E731
 
-    params = w * N / D if z == 3 else w * N
-    grads = w * N if z <= 1 else w * N / D
-    opt = (12 * N / D) if z >= 1 else (8 * N + (4 * N if w < 4 else 0))
-    host = 0.0
-    if st.offload_optimizer and z >= 1:
-        host += opt + 4 * N / D                 # fp32 master + moments + fp32 gradient partition
-        opt = 0.0
-        grads = 0.0 if z >= 2 else grads
-    if st.offload_param and z == 3:
-        host += params
-        params = 0.0
+    ms = model_states(N, D, w, z, st.offload_optimizer, st.offload_param)
+    params, grads, opt, host = ms["parameters"], ms["gradients"], ms["optimizer"], ms["host"]
 
     act = activation_bytes(st, sp_)
     # backward: gradient reduce bucket (stages 1-3), ZeRO-3 gather working set (prefetch bucket)
