@@ -14,8 +14,12 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
-    """The embedded corpus, tokenized once for the small test model (vocab 1001)."""
-    from megaseek.data.prepare import ensure_default_dataset
+    """The embedded corpus, prepared once (in this process) for the small test model (vocab 1001);
+    training runs in spawned ranks find it whole and reuse it."""
+    from megaseek.data.pipeline import prepare
+    from megaseek.data.spec import DataSpec
+    from tests.helpers import SMALL_DATA, SMALL_MODEL, compose
     root = tmp_path_factory.mktemp("data")
-    ensure_default_dataset(root, 1001, 1_500_000, 1_000_000, log=lambda *a: None)
+    cfg = compose(SMALL_MODEL + SMALL_DATA + [f"data.root={root}"])
+    prepare(DataSpec.from_config(cfg.data, vocab_size=int(cfg.model.vocab_size)), log=lambda *a: None)
     return root

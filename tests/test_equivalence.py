@@ -9,7 +9,8 @@ from tests.helpers import SMALL_DATA, SMALL_MODEL, compose, run_world
 
 COMMON = SMALL_MODEL + SMALL_DATA + ["train.seq_len=32", "train.global_batch_size=8", "train.log_interval=1",
                                      "train.sample_tokens=0", "logging.progress=false", "optimizer.warmup_steps=3", "optimizer.lr=5e-3", "optimizer.decay_steps=20",
-                                     "train.save_interval=100000"]
+                                     "train.save_interval=100000", "logging.wandb.mode=disabled",
+                                     "logging.tensorboard.enabled=false"]
 
 
 def _train(rank, world, runs, data_root):

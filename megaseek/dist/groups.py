@@ -5,7 +5,7 @@ so we walk all groups of each axis and keep the one that contains this rank.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch.distributed as dist
@@ -35,7 +35,7 @@ class ParallelGroups:
     dp: AxisGroup
     pp: AxisGroup
     mp: AxisGroup
-    _extra: dict = field(default_factory=dict)
+    embed: AxisGroup  # first + last pipeline stage at the same (dp, tp): tied embedding gradients
 
     @classmethod
     def build(cls, topo: Topology) -> "ParallelGroups":
@@ -48,14 +48,15 @@ class ParallelGroups:
                 raise ValueError("torch.distributed is not initialized but the topology needs several ranks")
             rank = 0
         axes = {}
+        embed_lists = [sorted({g[0], g[-1]}) for g in topo.pp_groups()] if topo.pp > 1 else []
         for axis, lists in (("tp", topo.tp_groups()), ("dp", topo.dp_groups()),
-                            ("pp", topo.pp_groups()), ("mp", topo.mp_groups())):
+                            ("pp", topo.pp_groups()), ("mp", topo.mp_groups()), ("embed", embed_lists)):
             mine = None
             for ranks in lists:
                 g = dist.new_group(ranks) if dist.is_initialized() else None
                 if rank in ranks:
                     mine = AxisGroup(group=g, ranks=ranks, rank=ranks.index(rank))
-            axes[axis] = mine
+            axes[axis] = mine if mine is not None else AxisGroup(group=None, ranks=[rank], rank=0)
         return cls(topo=topo, global_rank=rank, coord=topo.coord(rank), **axes)
 
     def mpu(self) -> "DeepSpeedMPU":

@@ -57,6 +57,31 @@ class TPContext:
         return M.copy_to_region(w, self.group) if self.size > 1 else w
 
 
+def mark_norm_ownership(model: nn.Module, tp_rank: int, pipeline_copies=()) -> None:
+    """Tell DeepSpeed which rank counts which parameter in the global gradient norm.
+
+    DeepSpeed counts p on a rank when `p.tensor_model_parallel` or `p.model_parallel` is set, or the rank is
+    model-parallel rank 0, and sums over the model-parallel group (tensor x pipeline). We want: sharded
+    parameters on every rank; replicated ones on tensor rank 0 of *each* pipeline stage; the last stage's
+    copy of a tied embedding nowhere (stage 0 counts it). `ds_pipe_replicated` is DeepSpeed's own flag for
+    such copies (its bf16 optimizer reads it)."""
+    copies = {id(p) for p in pipeline_copies}
+    for p in model.parameters():
+        if id(p) in copies:
+            p.tensor_model_parallel = False
+            p.model_parallel = False
+            p.ds_pipe_replicated = True
+        elif not getattr(p, "tensor_model_parallel", False) and tp_rank == 0:
+            p.model_parallel = True
+
+
+def counts_in_norm(p: torch.Tensor, mp_rank: int) -> bool:
+    """The same rule DeepSpeed applies (see mark_norm_ownership)."""
+    if getattr(p, "ds_pipe_replicated", False):
+        return False
+    return bool(getattr(p, "tensor_model_parallel", False) or getattr(p, "model_parallel", False) or mp_rank == 0)
+
+
 def master_normal(shape, std: float, seed: int) -> torch.Tensor:
     """The full (unsharded) fp32 weight, drawn from N(0, std^2) by a generator of its own seed."""
     g = torch.Generator().manual_seed(int(seed) % (2**63))

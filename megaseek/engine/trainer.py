@@ -20,11 +20,14 @@ from megaseek.config.schema import ConfigError, Layout, validate
 from megaseek.dist.env import DistEnv, init_distributed, log0, select_accelerator, world_size_from_env
 from megaseek.dist.groups import ParallelGroups
 from megaseek.dist.topology import Topology
-from megaseek.dist.tp_layers import RNGTracker, TPContext
+from megaseek.dist.tp_layers import RNGTracker, TPContext, counts_in_norm, mark_norm_ownership
 from megaseek.model.config import ModelConfig
 from megaseek.model.decoder import Decoder, greedy_generate
 from megaseek.model.flops import flops_per_token, gpu_peak_tflops, measure_matmul_peak, param_counts
 from megaseek.monitor.hub import MetricsHub
+from megaseek.pipeline.p2p import StageComm
+from megaseek.pipeline.partition import partition
+from megaseek.pipeline.schedule import forward_only, run_1f1b
 
 
 def resolve_run_dir(run_dir: Optional[str]) -> Path:
@@ -48,16 +51,14 @@ def resolve_run_dir(run_dir: Optional[str]) -> Path:
 
 
 def global_grad_norm(model: torch.nn.Module, groups: ParallelGroups) -> float:
-    """L2 norm of the full model's gradient: tensor-sharded parameters are summed over the tensor group,
-    replicated ones counted once (on tensor rank 0). Grads are already data-parallel averaged."""
+    """L2 norm of the full model's gradient, summed over the model-parallel group (tensor x pipeline) with
+    DeepSpeed's ownership rule (`counts_in_norm`). Grads are already data-parallel averaged."""
     sq = torch.zeros((), dtype=torch.float64)
     for p in model.parameters():
-        if p.grad is None:
-            continue
-        if getattr(p, "tensor_model_parallel", False) or groups.tp.rank == 0:
+        if p.grad is not None and counts_in_norm(p, groups.mp.rank):
             sq += p.grad.detach().double().pow(2).sum().cpu()
-    if groups.tp.size > 1:
-        dist.all_reduce(sq, group=groups.tp.group)
+    if groups.mp.size > 1:
+        dist.all_reduce(sq, group=groups.mp.group)
     return float(sq.sqrt())
 
 
@@ -86,7 +87,8 @@ class Trainer:
         from megaseek.data.loader import BatchPlan
         from megaseek.engine.build import build_engine
         cfg, lay = self.cfg, self.layout
-        plan = BatchPlan(lay.global_batch, lay.micro_batch, lay.dp, self.groups.dp.rank)
+        plan = BatchPlan(lay.global_batch, lay.micro_batch, lay.dp, self.groups.dp.rank,
+                         pp=lay.pp, pp_rank=self.groups.pp.rank)  # only the first / last stage read data
         self.data = build_data(cfg, self.env.local_rank, plan, lay.seq_len, int(cfg.seed), log=log0)
         self.loader = self.data.train
 
@@ -94,9 +96,27 @@ class Trainer:
         self.ctx = TPContext.from_axis(self.groups.tp, lay.sequence_parallel)
         torch.manual_seed(int(cfg.seed))
         self.rng = RNGTracker(int(cfg.seed), self.ctx.rank)
+        self.stage, self.stages = self.groups.pp.rank, lay.pp
+        self.first, self.last = self.stage == 0, self.stage == lay.pp - 1
+        lo, hi = partition(self.mcfg, lay.pp, str(cfg.parallel.get("partition", "parameters")))[self.stage]
         model = Decoder(self.mcfg, self.ctx, seed=int(cfg.seed), rng=self.rng,
-                        checkpointing=str(cfg.train.activation_checkpointing))
+                        checkpointing=str(cfg.train.activation_checkpointing),
+                        first_layer=lo, last_layer=hi, pre=self.first, post=self.last)
+        self.tied_copy = model.embed.weight if (lay.pp > 1 and self.last and self.mcfg.tie_embeddings) else None
+        tied_first = model.embed.weight if (lay.pp > 1 and self.first and self.mcfg.tie_embeddings) else None
+        self.tied_weight = self.tied_copy if self.tied_copy is not None else tied_first
+        mark_norm_ownership(model, self.ctx.rank, [self.tied_copy] if self.tied_copy is not None else [])
         self.engine, self.optimizer, self.scheduler, self.ds_config = build_engine(model, cfg, lay, self.groups)
+        if lay.pp > 1:
+            # we reduce gradients ourselves at the last micro-batch: tied embedding first, then data parallel
+            self.engine.enable_backward_allreduce = False
+            s_local = lay.seq_len // lay.tp if lay.sequence_parallel else lay.seq_len
+            dtype = next(self.engine.module.parameters()).dtype
+            self.comm = StageComm(self.groups.pp.ranks, self.stage, (lay.micro_batch, s_local, self.mcfg.hidden_size),
+                                  dtype, self.device)
+            log0(f"[pipeline] {lay.pp} stages, layers per stage "
+                 f"{[b - a for a, b in partition(self.mcfg, lay.pp, str(cfg.parallel.get('partition', 'parameters')))]}, "
+                 f"{lay.grad_accum} micro-batches, 1F1B")
         self.flops = flops_per_token(self.mcfg, lay.seq_len, str(cfg.train.activation_checkpointing))
         self.peak, self.peak_src = measured_peak_flops(self.env, str(cfg.precision.name))
         return self
@@ -124,11 +144,36 @@ class Trainer:
         return float(t.item()) / self.groups.dp.size
 
     # --- one step ---
+    def _pipeline_grad_reduction(self) -> None:
+        """Between the last backward and the optimizer step: sum the tied embedding's gradient over the first
+        and last stage, then the data-parallel reduction DeepSpeed would have done in backward."""
+        if self.tied_weight is not None and self.tied_weight.grad is not None:
+            dist.all_reduce(self.tied_weight.grad, group=self.groups.embed.group)
+        self.engine.allreduce_gradients()
+        if self.zero_stage == 0:
+            self._gn = global_grad_norm(self.engine.module, self.groups)
+
+    def _pipeline_step(self) -> dict:
+        lay = self.layout
+        t0 = time.perf_counter()
+        micro = self.loader.micro_batches()  # (ids, None) on the first stage, (None, labels) on the last
+        t_data = time.perf_counter() - t0
+        self._gn = None
+        losses, times = run_1f1b(self.engine, self.comm, micro, lay.grad_accum, self._pipeline_grad_reduction)
+        loss = torch.tensor([sum(losses) / len(losses) if losses else 0.0], dtype=torch.float64)
+        dist.broadcast(loss, src=self.groups.pp.ranks[-1], group=self.groups.pp.group)  # every stage knows it
+        gn = self._gn if self._gn is not None else self.engine.get_global_grad_norm()
+        return {"loss": float(loss.item()), "grad_norm": float(gn) if gn is not None else float("nan"),
+                "time_data_s": t_data, "time_forward_s": times.forward_s, "time_backward_s": times.backward_s,
+                "time_step_s": times.step_s, "pipeline_busy_fraction": times.busy_s / max(times.total_s, 1e-12)}
+
     def train_step(self) -> dict:
         """One optimizer step over this rank's micro-batches of the next global batch.
         Returns this rank's mean micro-batch loss, the global grad norm (None: ask the engine) and timings.
         Timers are host-side (no device sync): on GPUs forward/backward times include queued kernels."""
         lay = self.layout
+        if lay.pp > 1:
+            return self._pipeline_step()
         t0 = time.perf_counter()
         micro = self.loader.micro_batches()
         t_data = time.perf_counter() - t0
@@ -163,12 +208,20 @@ class Trainer:
             return None
         mine = range(self.groups.dp.rank * per_rank, (self.groups.dp.rank + 1) * per_rank)
         self.engine.eval()
-        total = 0.0
-        for k in range(0, per_rank, lay.micro_batch):
-            ids, labels = self.data.valid.batch(list(mine[k:k + lay.micro_batch]))
-            total += float(self.engine(ids.to(self.device), labels.to(self.device))) * ids.shape[0]
+        batches = [self.data.valid.batch(list(mine[k:k + lay.micro_batch])) for k in range(0, per_rank, lay.micro_batch)]
+        if lay.pp > 1:
+            losses = forward_only(self.engine, self.comm, batches, len(batches)) if all(
+                b[0].shape[0] == lay.micro_batch for b in batches) else []
+            t = torch.tensor([sum(losses) / max(1, len(losses))], dtype=torch.float64)
+            dist.broadcast(t, src=self.groups.pp.ranks[-1], group=self.groups.pp.group)
+            mean_local = float(t.item())
+        else:
+            total = 0.0
+            for ids, labels in batches:
+                total += float(self.engine(ids.to(self.device), labels.to(self.device))) * ids.shape[0]
+            mean_local = total / per_rank
         self.engine.train()
-        val = self._dp_mean(total / per_rank)
+        val = self._dp_mean(mean_local)
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
     # --- loop ---
@@ -226,6 +279,9 @@ class Trainer:
         n = int(self.cfg.train.get("sample_tokens", 0))
         if n <= 0:
             return None
+        if self.layout.pp > 1:
+            log0("[megaseek] greedy sample skipped: generation through pipeline stages is not implemented")
+            return None
         from megaseek.data.tokenizer import load_tokenizer
         tok = load_tokenizer(self.data.tokenizer_path)
         prompt = str(self.cfg.train.get("sample_prompt", "def "))
@@ -240,8 +296,6 @@ def pretrain(cfg: DictConfig) -> dict:
     layout = validate(cfg, world, has_cuda=select_accelerator())  # refuse bad config before any work
     from megaseek.planner.preflight import preflight
     preflight(cfg, world, log0)  # export the cluster preset's NCCL settings; refuse a layout that does not fit
-    if layout.pp > 1:
-        raise ConfigError(f"parallel.pp={layout.pp}: pipeline parallelism is not available yet; use parallel.pp=1")
     denv = init_distributed()
     groups = ParallelGroups.build(Topology(tp=layout.tp, pp=layout.pp, dp=layout.dp))
     run_dir = resolve_run_dir(cfg.get("run_dir"))

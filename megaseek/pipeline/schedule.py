@@ -1,0 +1,126 @@
+"""1F1B pipeline schedule (PipeDream-flush / Megatron's non-interleaved schedule) on the DeepSpeed engine.
+
+Stage s of p stages with m micro-batches runs w = min(p - s - 1, m) warm-up forwards, then alternates one
+forward and one backward (steady state), then drains the remaining w backwards. At most p - s
+micro-batches' activations are alive on stage s (GPipe keeps m).
+
+Idle fraction per stage (the bubble) in theory: (p - 1) / (m + p - 1).
+
+Backward through the DeepSpeed engine: the last stage calls engine.backward(loss) (DeepSpeed divides by
+the accumulation steps); the other stages call engine.backward(sum(y * dy), scale_wrt_gas=False), a
+scalar whose gradient w.r.t. the stage output y is exactly dy received from the next stage (already
+divided once). engine.step() follows every backward, so DeepSpeed counts micro-steps as usual, except
+the last: the boundary step runs after the schedule, once this stage has sent its last gradient, behind
+the hook `before_last_step` (tied-weight and data-parallel reductions, which span stages).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from megaseek.pipeline.p2p import StageComm
+
+
+@dataclass
+class StageTimes:
+    busy_s: float = 0.0      # forward + backward compute of this stage
+    total_s: float = 0.0     # wall time of the whole schedule
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    step_s: float = 0.0      # gradient reductions + optimizer step after the schedule
+    events: list = field(default_factory=list)  # (kind, micro, t_start, t_end) relative to schedule start
+
+
+def run_1f1b(engine, comm: StageComm, micro_batches: list, num_micro: int,
+             before_last_step: Optional[Callable[[], None]] = None, record_events: bool = False):
+    """Returns (losses of this stage's micro-batches (last stage only, else []), StageTimes)."""
+    first, last = comm.prev is None, comm.next is None
+    p, s, m = comm.stages, comm.stage, num_micro
+    warmup = min(p - s - 1, m)
+    remaining = m - warmup
+    inputs: list = [None] * m
+    outputs: list = [None] * m
+    losses: list[float] = []
+    times = StageTimes()
+    t0 = time.perf_counter()
+
+    def forward(i: int, x: Optional[torch.Tensor]) -> torch.Tensor:
+        ta = time.perf_counter()
+        if first:
+            ids = micro_batches[i][0]
+            x = ids.to(comm.device)
+        else:
+            x.requires_grad_(True)
+        inputs[i] = x
+        if last:
+            y = engine(x, micro_batches[i][1].to(comm.device))  # mean token loss
+            losses.append(float(y.detach()))
+        else:
+            y = engine(x)  # (b, s|s/tp, h)
+        outputs[i] = y
+        tb = time.perf_counter()
+        times.forward_s += tb - ta
+        if record_events:
+            times.events.append(("F", i, ta - t0, tb - t0))
+        return y
+
+    def backward(i: int, dy: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        ta = time.perf_counter()
+        y = outputs[i]
+        if last:
+            engine.backward(y)
+        else:
+            engine.backward((y * dy).sum(), scale_wrt_gas=False)
+        if i < m - 1:
+            engine.step()  # DeepSpeed counts the micro-step; the boundary step waits until all sends are done
+        dx = None if first else inputs[i].grad
+        inputs[i] = outputs[i] = None
+        tb = time.perf_counter()
+        times.backward_s += tb - ta
+        if record_events:
+            times.events.append(("B", i, ta - t0, tb - t0))
+        return dx
+
+    for i in range(warmup):
+        y = forward(i, comm.recv_forward())
+        comm.send_forward(None if last else y)
+    x = comm.recv_forward() if remaining > 0 else None
+    for k in range(remaining):
+        i = warmup + k
+        y = forward(i, x)
+        dy = comm.send_forward_recv_backward(y) if not last else None
+        dx = backward(k, dy)
+        if k == remaining - 1:
+            x = None
+            comm.send_backward(dx)
+        else:
+            x = comm.send_backward_recv_forward(dx)
+    for k in range(remaining, m):
+        dx = backward(k, comm.recv_backward())
+        comm.send_backward(dx)
+    # every activation gradient has left this stage: collectives across stages cannot deadlock now
+    ta = time.perf_counter()
+    if before_last_step is not None:
+        before_last_step()
+    engine.step()
+    times.step_s = time.perf_counter() - ta
+    times.total_s = time.perf_counter() - t0
+    times.busy_s = times.forward_s + times.backward_s
+    return losses, times
+
+
+@torch.no_grad()
+def forward_only(engine, comm: StageComm, micro_batches: list, num_micro: int) -> list[float]:
+    """Evaluation through the pipeline: losses on the last stage, [] elsewhere."""
+    first, last = comm.prev is None, comm.next is None
+    losses = []
+    for i in range(num_micro):
+        x = micro_batches[i][0].to(comm.device) if first else comm.recv_forward()
+        if last:
+            losses.append(float(engine(x, micro_batches[i][1].to(comm.device))))
+        else:
+            comm.send_forward(engine(x))
+    return losses
