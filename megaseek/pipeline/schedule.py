@@ -27,7 +27,7 @@ from megaseek.pipeline.p2p import StageComm
 @dataclass
 class StageTimes:
     busy_s: float = 0.0      # forward + backward compute of this stage
-    total_s: float = 0.0     # wall time of the whole schedule
+    total_s: float = 0.0     # wall time of the forward/backward schedule (without the final optimizer step)
     forward_s: float = 0.0
     backward_s: float = 0.0
     step_s: float = 0.0      # gradient reductions + optimizer step after the schedule
@@ -103,11 +103,11 @@ def run_1f1b(engine, comm: StageComm, micro_batches: list, num_micro: int,
         comm.send_backward(dx)
     # every activation gradient has left this stage: collectives across stages cannot deadlock now
     ta = time.perf_counter()
+    times.total_s = ta - t0  # the schedule proper (what the bubble theory describes)
     if before_last_step is not None:
         before_last_step()
     engine.step()
     times.step_s = time.perf_counter() - ta
-    times.total_s = time.perf_counter() - t0
     times.busy_s = times.forward_s + times.backward_s
     return losses, times
 
