@@ -88,3 +88,16 @@ def test_tensor_parallel_matches_single_process(world, cases):
             assert d["padded_max"] <= torch.finfo(torch.float32).min / 2, case
             bad = {k: v for k, v in d.items() if not k.startswith("n_") and k != "padded_max" and v > TOL}
             assert not bad, (case, bad)
+
+
+def test_tp_collective_bytes_equal_megatron_theory():
+    """No byte moved that Megatron-style tensor parallelism does not need (with and without SP)."""
+    import importlib.util
+
+    from tests.helpers import REPO
+    spec = importlib.util.spec_from_file_location("tp_comm", REPO / "bench" / "tp_comm.py")
+    tp_comm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tp_comm)
+    for sp in (False, True):
+        ops = run_world(2, tp_comm._measure, sp, 2, 32)[0]
+        assert tp_comm.bus_bytes(ops, 2) == pytest.approx(tp_comm.theory(2, 2, 32, sp), rel=1e-12), (sp, ops)
