@@ -92,12 +92,11 @@ def test_tensor_parallel_matches_single_process(world, cases):
 
 def test_tp_collective_bytes_equal_megatron_theory():
     """No byte moved that Megatron-style tensor parallelism does not need (with and without SP)."""
-    import importlib.util
+    import sys
 
     from tests.helpers import REPO
-    spec = importlib.util.spec_from_file_location("tp_comm", REPO / "bench" / "tp_comm.py")
-    tp_comm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tp_comm)
+    sys.path.insert(0, str(REPO / "bench"))  # spawned ranks inherit sys.path and import it by name
+    import tp_comm
     for sp in (False, True):
         ops = run_world(2, tp_comm._measure, sp, 2, 32)[0]
         assert tp_comm.bus_bytes(ops, 2) == pytest.approx(tp_comm.theory(2, 2, 32, sp), rel=1e-12), (sp, ops)
