@@ -35,13 +35,32 @@ def lr_lambda(step: int, warmup: int, decay_steps: int, min_ratio: float) -> flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that can skip one step on request (set `skip_next`): the gradients are dropped, nothing moves,
+    and `overflow` tells DeepSpeed's engine the step was skipped (it then counts it and holds the lr
+    schedule), as its ZeRO optimizers do for non-finite gradients."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.skip_next = False
+        self.overflow = False
+
+    def step(self, closure=None):
+        if self.skip_next:
+            self.skip_next, self.overflow = False, True
+            self.zero_grad(set_to_none=True)
+            return None
+        self.overflow = False
+        return super().step(closure)
+
+
 def build_optimizer(model: torch.nn.Module, opt_cfg: Mapping[str, Any], offload: bool):
     groups = param_groups(model, float(opt_cfg["weight_decay"]))
     kw = dict(lr=float(opt_cfg["lr"]), betas=tuple(float(b) for b in opt_cfg["betas"]), eps=float(opt_cfg["eps"]))
     if offload:  # ZeRO-Offload steps on the CPU: DeepSpeed's vectorised CPU Adam (JIT-built once)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-    return torch.optim.AdamW(groups, foreach=True, **kw)
+    return GuardedAdamW(groups, foreach=True, **kw)
 
 
 def build_scheduler(optimizer, opt_cfg: Mapping[str, Any], steps: int):

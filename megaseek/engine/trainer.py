@@ -15,7 +15,10 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+import signal
+
 from megaseek.ckpt import checkpoint as ckpt
+from megaseek.ckpt.manager import CheckpointManager
 from megaseek.config.schema import ConfigError, Layout, validate
 from megaseek.dist.env import DistEnv, init_distributed, log0, select_accelerator, world_size_from_env
 from megaseek.dist.groups import ParallelGroups
@@ -60,6 +63,16 @@ def global_grad_norm(model: torch.nn.Module, groups: ParallelGroups) -> float:
     if groups.mp.size > 1:
         dist.all_reduce(sq, group=groups.mp.group)
     return float(sq.sqrt())
+
+
+def skip_if_not_finite(engine, grad_norm: float) -> None:
+    """ZeRO stage 0: DeepSpeed has no overflow check in fp32, so our optimizer skips the coming step itself
+    (the norm is global, so every rank decides alike; DeepSpeed then counts it in engine.skipped_steps)."""
+    from megaseek.ckpt.state import base_optimizer
+    if not math.isfinite(grad_norm):
+        opt = base_optimizer(engine)
+        if hasattr(opt, "skip_next"):
+            opt.skip_next = True
 
 
 def measured_peak_flops(env: DistEnv, dtype: str) -> tuple[float, str]:
@@ -117,25 +130,49 @@ class Trainer:
             log0(f"[pipeline] {lay.pp} stages, layers per stage "
                  f"{[b - a for a, b in partition(self.mcfg, lay.pp, str(cfg.parallel.get('partition', 'parameters')))]}, "
                  f"{lay.grad_accum} micro-batches, 1F1B")
+        self.ckpt = CheckpointManager(self.run_dir, self.engine, self.groups, self.mcfg, self.mcfg.vocab_size,
+                                      self.data.tokenizer_path, skip_params=[self.tied_copy] if self.tied_copy is not None else [],
+                                      rng_tracker=self.rng, keep=int(cfg.train.get("ckpt_keep", 3)),
+                                      native=bool(cfg.train.get("ckpt_native", False)), log=log0)
         self.flops = flops_per_token(self.mcfg, lay.seq_len, str(cfg.train.activation_checkpointing))
         self.peak, self.peak_src = measured_peak_flops(self.env, str(cfg.precision.name))
         return self
 
     # --- state ---
     def client_state(self, step: int) -> dict:
-        return {"consumed_samples": step * self.layout.global_batch, "loader": self.loader.state_dict(),
-                "rng_tracker": self.rng.state_dict(),
+        """Everything besides tensors that a run needs to continue exactly (JSON)."""
+        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        scale = getattr(self.engine.optimizer, "cur_scale", None)
+        return {"step": step, "consumed_samples": step * self.layout.global_batch,
+                "loader": self.loader.state_dict(), "scheduler": sched,
+                "adam_step": self.ckpt.optimizer_step_count(),
+                "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
+                "loss_scale": float(scale) if scale is not None else None,
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
+    def save(self, step: int) -> Path:
+        return self.ckpt.save(step, self.client_state(step))
+
+    def restore(self, path: Path) -> int:
+        """Load a checkpoint (any layout) and the loader / scheduler / counters; returns its step."""
+        st = self.ckpt.load(path)
+        self.loader.load_state_dict(st["loader"])
+        sched = self.scheduler.state_dict()
+        sched.update(st["scheduler"])
+        self.scheduler.load_state_dict(sched)
+        self.engine.global_steps = int(st["step"])
+        self.engine.skipped_steps = int(st.get("skipped_steps", 0))
+        if st.get("loss_scale") is not None and hasattr(self.engine.optimizer, "cur_scale"):
+            self.engine.optimizer.cur_scale = st["loss_scale"]
+        return int(st["step"])
+
     def maybe_resume(self) -> int:
-        client = ckpt.resume(self.engine, self.run_dir)
-        if client is None:
+        path = self.ckpt.newest()
+        if path is None:
             return 0
-        self.loader.load_state_dict(client["loader"])
-        if "rng_tracker" in client:
-            self.rng.load_state_dict(client["rng_tracker"])
-        log0(f"[ckpt] resumed from {ckpt.latest_tag(self.run_dir)} at step {client['step']}")
-        return int(client["step"])
+        step = self.restore(path)
+        log0(f"[ckpt] resumed from {path.name} at step {step}")
+        return step
 
     def _dp_mean(self, x: float) -> float:
         t = torch.tensor([x], dtype=torch.float64, device=self.device)
@@ -152,6 +189,7 @@ class Trainer:
         self.engine.allreduce_gradients()
         if self.zero_stage == 0:
             self._gn = global_grad_norm(self.engine.module, self.groups)
+            skip_if_not_finite(self.engine, self._gn)
 
     def _pipeline_step(self) -> dict:
         lay = self.layout
@@ -181,11 +219,13 @@ class Trainer:
         for ids, labels in micro:
             t1 = time.perf_counter()
             loss = self.engine(ids.to(self.device), labels.to(self.device))  # mean token loss of the micro-batch
+            loss = self._inject_fault(loss)
             t2 = time.perf_counter()
             self.engine.backward(loss)
             t3 = time.perf_counter()
             if self.engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
                 gn = global_grad_norm(self.engine.module, self.groups)  # DeepSpeed keeps none at stage 0
+                skip_if_not_finite(self.engine, gn)
             self.engine.step()
             t4 = time.perf_counter()
             t_fwd, t_bwd, t_opt = t_fwd + t2 - t1, t_bwd + t3 - t2, t_opt + t4 - t3
@@ -225,25 +265,87 @@ class Trainer:
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
     # --- loop ---
+    # --- faults: preemption signals, non-finite steps ---
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (Slurm preemption): finish the current step, save, exit cleanly."""
+        self._signal = None
+
+        def handler(signum, frame):
+            self._signal = signal.Signals(signum).name
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (tests running the trainer in a thread)
+                pass
+
+    def _any_rank_signalled(self) -> bool:
+        t = torch.tensor([1.0 if self._signal else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(t.item() > 0)
+
+    def _inject_fault(self, loss: torch.Tensor) -> torch.Tensor:
+        """train.fault.nan_step / nan_rank: make one rank's loss NaN at one step (tests of the skip path)."""
+        f = self.cfg.train.get("fault") or {}
+        if int(f.get("nan_step", -1)) == self._step + 1 and int(f.get("nan_rank", 0)) == self.env.rank:
+            return loss * float("nan")
+        return loss
+
+    def _on_bad_step(self, step: int, streak: int) -> Optional[int]:
+        """After `train.max_bad_steps` consecutive skipped steps: roll back to the newest checkpoint (the data
+        position moves on, past the batches that failed) or stop with a clear message. Returns the step to
+        continue from, or None to go on."""
+        limit = int(self.cfg.train.get("max_bad_steps", 3))
+        if streak < limit:
+            return None
+        action = str(self.cfg.train.get("on_bad_steps", "rollback"))
+        path = self.ckpt.newest() if action == "rollback" else None
+        if path is None or self._rollbacks >= int(self.cfg.train.get("max_rollbacks", 2)):
+            raise RuntimeError(f"training stopped at step {step}: {streak} consecutive steps with non-finite loss or "
+                               f"gradients (train.max_bad_steps={limit}, train.on_bad_steps={action}, "
+                               f"{self._rollbacks} rollbacks so far). Lower optimizer.lr or check the data.")
+        position = self.loader.state_dict()
+        back = self.restore(path)
+        self.loader.load_state_dict(position)
+        self._rollbacks += 1
+        log0(f"[train] {streak} consecutive non-finite steps: rolled back to {path.name} (step {back}); "
+             f"the data position stays at {position.get('consumed_samples', position.get('next_batch'))}")
+        return back
+
+    # --- loop ---
     def fit(self) -> dict:
         cfg, lay = self.cfg, self.layout
         steps, log_every = int(cfg.train.steps), int(cfg.train.log_interval)
         save_every = int(cfg.train.save_interval)
         eval_every = int(cfg.train.get("eval_interval", 0) or 0)
         start = self.maybe_resume()
+        self._install_signal_handlers()
+        self._rollbacks, streak = 0, 0
         hub = MetricsHub(cfg.logging, self.run_dir, self.env.rank, lay.world_size, steps, start,
                          OmegaConf.to_container(cfg, resolve=True))
         tokens_per_step = lay.global_batch * lay.seq_len
         t_start = t_log = time.perf_counter()
         acc: dict[str, float] = {}
-        n_in_interval, last, ckpt_path = 0, None, None
-        for step in range(start, steps):
+        n_in_interval, last, ckpt_path, stopped_by = 0, None, None, None
+        step = start
+        while step < steps:
+            self._step = step
+            skipped_before = int(getattr(self.engine, "skipped_steps", 0))
             out = self.train_step()
+            skipped = int(getattr(self.engine, "skipped_steps", 0)) > skipped_before
+            streak = streak + 1 if skipped else 0
+            if skipped:
+                log0(f"[train] step {step + 1} skipped on every rank: non-finite loss or gradients "
+                     f"(grad_norm={out['grad_norm']}), {streak} in a row")
+                back = self._on_bad_step(step + 1, streak)
+                if back is not None:
+                    step, streak, acc, n_in_interval, t_log = back, 0, {}, 0, time.perf_counter()
+                    continue
             for k, v in out.items():
                 if k != "grad_norm":
                     acc[k] = acc.get(k, 0.0) + v
             n_in_interval += 1
-            done = step + 1
+            done = step = step + 1
             rec = None
             if done % log_every == 0 or done == steps:
                 dt = time.perf_counter() - t_log
@@ -264,14 +366,20 @@ class Trainer:
                 last = hub.log(rec)
                 acc, n_in_interval, t_log = {}, 0, time.perf_counter()
             hub.progress(done, rec)
+            if self._any_rank_signalled():
+                stopped_by = self._signal or "a signal on another rank"
+                ckpt_path = self.save(done)
+                log0(f"[ckpt] {stopped_by}: saved {ckpt_path.name} at step {done}; exiting cleanly")
+                break
             if done % save_every == 0 or done == steps:
-                ckpt_path = ckpt.save(self.engine, self.run_dir, done, self.client_state(done))
+                ckpt_path = self.save(done)
         wall = time.perf_counter() - t_start
         hub.close()
         if ckpt_path is None and ckpt.latest_tag(self.run_dir):
             ckpt_path = ckpt.checkpoint_dir(self.run_dir) / ckpt.latest_tag(self.run_dir)
-        return {"steps": steps, "steps_this_run": steps - start, "tokens": steps * tokens_per_step,
-                "wall_time_s": wall, "final_loss": last["loss"] if last else None,
+        return {"steps": step, "steps_this_run": step - start, "tokens": step * tokens_per_step,
+                "wall_time_s": wall, "final_loss": last["loss"] if last else None, "stopped_by": stopped_by,
+                "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)), "rollbacks": self._rollbacks,
                 "checkpoint": str(ckpt_path) if ckpt_path else None, "run_dir": str(self.run_dir),
                 "params": param_counts(self.mcfg)["total"], "peak_flops": self.peak, "peak_source": self.peak_src}
 

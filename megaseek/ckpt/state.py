@@ -1,0 +1,185 @@
+"""Layout-free training state: every parameter as its FULL tensor under its canonical (tp = 1) name, with
+its fp32 master copy and Adam moments, whatever the (dp, tp, pp, ZeRO stage) that produced it.
+
+Gathering (collective over each parameter's groups, every rank calls it in the same order):
+  ZeRO / bf16 shards  -> DeepSpeed's `safe_get_full_*` (all-gather over the data-parallel group)
+  tensor shards       -> all-gather over the tensor group along `partition_dim`, vocab padding stripped
+  pipeline stages     -> each stage writes its own layers; the last stage's tied-embedding copy is skipped
+Scattering is the reverse: slice the full tensor for this rank's shard (pad the vocabulary), then
+`safe_set_full_*`. Loading therefore works at any layout: that is how a run changes layout on resume.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def canonical_name(name: str) -> str:
+    """The parameter's name at tp = 1: a replicated kv projection (`k_proj.weight`) is `k_proj.proj.weight`."""
+    for kv in ("k_proj", "v_proj"):
+        if name.endswith(f"attn.{kv}.weight"):
+            return name[: -len("weight")] + "proj.weight"
+    return name
+
+
+def base_optimizer(engine):
+    """The torch / DeepSpeed Adam under DeepSpeed's wrappers (ZeRO, bf16)."""
+    opt = engine.optimizer
+    while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
+        opt = opt.optimizer
+    if hasattr(opt, "optimizer") and isinstance(getattr(opt, "optimizer"), torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def ensure_adam_state(opt: torch.optim.Optimizer) -> None:
+    """Create zero Adam moments (lazily created on the first step) so that they can be overwritten."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state[p]
+            if "exp_avg" not in st:
+                st["step"] = torch.zeros((), dtype=torch.float32) if not _is_ds_cpu_adam(opt) else 0
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def relink_hp_optimizer_state(engine) -> None:
+    """Point every parameter's DeepSpeed fragment mapping at the Adam state of its flat partition.
+
+    DeepSpeed's ZeRO-1/2 and bf16 optimizers link this lazily after stepping the FIRST param group, so the
+    fragments of later groups (our no-decay group) stay empty; link all groups now (idempotent)."""
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state
+    zo = engine.optimizer
+    pairs = None
+    if hasattr(zo, "single_partition_of_fp32_groups") and hasattr(zo, "bit16_groups"):
+        pairs = zip(zo.bit16_groups, zo.single_partition_of_fp32_groups)
+    elif hasattr(zo, "fp32_groups_flat_partition") and hasattr(zo, "bf16_groups"):
+        pairs = zip(zo.bf16_groups, zo.fp32_groups_flat_partition)
+    if pairs is None:
+        return
+    state = base_optimizer(engine).state
+    for lp_params, flat in pairs:
+        if flat in state and "exp_avg" in state[flat]:
+            lazy_init_hp_params_optimizer_state(lp_params, flat, state)
+
+
+def _is_ds_cpu_adam(opt) -> bool:
+    return type(opt).__name__ == "DeepSpeedCPUAdam"
+
+
+def adam_step(opt) -> int:
+    for st in opt.state.values():
+        if "step" in st:
+            return int(st["step"])
+    return 0
+
+
+def set_adam_step(opt, step: int) -> None:
+    for st in opt.state.values():
+        if "step" in st:
+            st["step"] = step if isinstance(st["step"], int) else torch.tensor(float(step), dtype=torch.float32)
+
+
+def _local_full(engine, p: torch.nn.Parameter, key: str) -> torch.Tensor:
+    """This tensor rank's shard of `key`, complete over ZeRO / data parallel (collective for ZeRO)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+        t = safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)
+        return t.detach().float().cpu()
+    if key == "fp32":
+        return p.detach().float().cpu()
+    st = base_optimizer(engine).state.get(p, {})
+    return st[key].detach().float().cpu() if key in st else torch.zeros_like(p, dtype=torch.float32, device="cpu")
+
+
+def _set_local_full(engine, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+        dev_val = value.to(p.device if not hasattr(p, "ds_id") else value.device)
+        if key == "fp32":
+            safe_set_full_fp32_param(p, dev_val)
+            if not hasattr(p, "ds_id"):  # ZeRO-1/2, bf16: the module's (low-precision) copy too
+                with torch.no_grad():
+                    p.copy_(value.to(p.device, p.dtype))
+        else:
+            safe_set_full_optimizer_state(p, dev_val, key)
+        return
+    if key == "fp32":
+        with torch.no_grad():
+            p.copy_(value.to(p.device, p.dtype))
+        return
+    st = base_optimizer(engine).state[p]
+    st[key].copy_(value.to(st[key].device, st[key].dtype))
+
+
+def _gather_tp(t: torch.Tensor, p, tp) -> torch.Tensor:
+    dim = getattr(p, "partition_dim", None)
+    if tp.size == 1 or dim is None:
+        return t
+    parts = [torch.empty_like(t) for _ in range(tp.size)]
+    dist.all_gather(parts, t.contiguous(), group=tp.group)
+    return torch.cat(parts, dim=dim)
+
+
+def iter_full_state(engine, model, groups, vocab_size: int, skip=()) -> Iterator[tuple[str, dict]]:
+    """Yield (canonical name, {fp32, exp_avg, exp_avg_sq: full tensor}) for this stage's parameters.
+    Collective: every rank of the stage calls it; all ranks get the tensors (writers pick who saves)."""
+    skip_ids = {id(p) for p in skip}
+    relink_hp_optimizer_state(engine)
+    for name, p in model.named_parameters():
+        if id(p) in skip_ids:
+            continue
+        full = {}
+        for key in KEYS:
+            t = _gather_tp(_local_full(engine, p, key), p, groups.tp)
+            if name.endswith("embed.weight") or name.endswith("lm_head.weight"):
+                t = t[:vocab_size]  # strip vocabulary padding
+            full[key] = t.contiguous()
+        yield canonical_name(name), full
+
+
+def shard_for(full: torch.Tensor, p, tp, local_shape) -> torch.Tensor:
+    """This rank's slice of a full tensor (padding the vocabulary with zeros where needed)."""
+    dim = getattr(p, "partition_dim", None)
+    if tp.size == 1 or dim is None:
+        if tuple(full.shape) != tuple(local_shape) and len(local_shape) == full.ndim:  # padded vocab at tp=1
+            return _pad(full, local_shape[0])
+        return full
+    n = local_shape[dim] * tp.size
+    if full.shape[dim] < n:  # vocabulary padding
+        full = _pad(full, n) if dim == 0 else full
+    return full.narrow(dim, tp.rank * local_shape[dim], local_shape[dim]).contiguous()
+
+
+def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] >= rows:
+        return t
+    out = torch.zeros((rows,) + tuple(t.shape[1:]), dtype=t.dtype)
+    out[: t.shape[0]] = t
+    return out
+
+
+def _local_shape(p) -> tuple:
+    if hasattr(p, "ds_shape"):  # ZeRO-3 keeps the real shape aside
+        return tuple(p.ds_shape)
+    return tuple(p.shape)
+
+
+def load_full_state(engine, model, groups, tensors: dict[str, dict], load_optimizer: bool = True) -> list[str]:
+    """Set every local parameter (and its Adam moments) from full tensors; returns names not found."""
+    ensure_adam_state(base_optimizer(engine))
+    relink_hp_optimizer_state(engine)
+    missing = []
+    for name, p in model.named_parameters():
+        cname = canonical_name(name)
+        entry = tensors.get(cname)
+        if entry is None:
+            missing.append(cname)
+            continue
+        for key in KEYS if load_optimizer else ("fp32",):
+            _set_local_full(engine, p, key, shard_for(entry[key], p, groups.tp, _local_shape(p)))
+    return missing
