@@ -80,3 +80,36 @@ def test_prepare_data_command_line(blend_sources, tmp_path):
     assert again.returncode == 0 and "[data] cleaned:" not in again.stdout and "verified blend_example" in again.stdout
     bad = _cli("data=blend_example", f"data.root={tmp_path}", "data.sources.web.path=/no/such/file.jsonl")
     assert bad.returncode == 2 and "config error: data.sources.web.path=/no/such/file.jsonl does not exist" in bad.stderr
+
+
+def _two_ranks(rank, world, good, bad):
+    """Each rank: build_data for a good config, then for one whose source path is missing."""
+    from tests.helpers import init_gloo
+    init_gloo(rank, world)
+    out = {}
+    b = build_data(compose(good), rank, BatchPlan(8, 2, world, rank), 32, 5, log=lambda m: None)
+    out["batches"] = [[ids.tolist() for ids, _ in b.train.micro_batches()] for _ in range(2)]
+    try:
+        build_data(compose(bad), rank, BatchPlan(8, 2, world, rank), 32, 5, log=lambda m: None)
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_prepare_once_and_read_disjoint_slices(tmp_path):
+    from tests.helpers import run_world
+    f = write_jsonl(tmp_path / "web.jsonl", [{"text": prose(i, 300)} for i in range(60)])
+    common = [f"data.root={tmp_path / 'd'}", "data.workers=1", "model.vocab_size=1001",
+              "data.tokenizer_sample_bytes=100000"]
+    good = [f"data.sources={{web:{{path:{f},text_field:text,weight:1.0}}}}"] + common
+    bad = ["data.sources={web:{path:/no/such.jsonl}}", "data.name=other"] + common
+    r0, r1 = run_world(2, _two_ranks, good, bad, timeout=300)
+    one = build_data(compose(good), 0, BatchPlan(8, 4, 1, 0), 32, 5, log=lambda m: None).train
+    for k in range(2):
+        whole = [row for ids, _ in one.micro_batches() for row in ids.tolist()]
+        ranks = [row for mb in r0["batches"][k] + r1["batches"][k] for row in mb]
+        assert ranks == whole                  # rank 0's slice then rank 1's: the global batch, no overlap
+    assert r0["error"].startswith("ConfigError: data.sources.web.path=/no/such.jsonl does not exist")
+    assert r1["error"].startswith("RuntimeError: data preparation failed on another rank: ConfigError: "
+                                  "data.sources.web.path=/no/such.jsonl")

@@ -13,7 +13,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, NamedTuple
 
 from megaseek.config.schema import ConfigError
 from megaseek.data.spec import DATA_EXTS, SourceSpec
@@ -199,7 +199,3 @@ def _probe_parquet(path: Path, src: SourceSpec) -> bool:
 
 def is_binary(payload: bytes) -> bool:
     return b"\x00" in payload[:8192]
-
-
-def first_string(x) -> Optional[str]:
-    return x if isinstance(x, str) else None

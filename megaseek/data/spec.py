@@ -155,6 +155,8 @@ def _clean(base: Mapping, override: Mapping, where: str) -> CleanConfig:
 
 def _source(name: str, v: Any, base_clean: Mapping) -> SourceSpec:
     where = f"data.sources.{name}"
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"{where}: a source name may use letters, digits, '-' and '_' (it names directories)")
     if isinstance(v, str):
         v = {"path": v}
     if not isinstance(v, Mapping):

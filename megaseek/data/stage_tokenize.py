@@ -3,7 +3,7 @@
 The tokenizer is trained (byte-level BPE, `data.tokenizer.vocab_size`, special tokens from config) on
 up to `tokenizer_sample_bytes` of the cleaned tier, split between sources by weight, or copied from
 `data.tokenizer.path`. Documents are encoded in batches by `tokenizers` (its own threads use every
-core) and written with EOS after each one. A resumed stage keeps the tokenizer and every finished shard.
+core; the next batch is encoded while this one is written) with EOS after each one. A resumed stage keeps the tokenizer and every finished shard.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import itertools
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +25,7 @@ from megaseek.data.tiers import (PIPELINE_VERSION, PartialTier, atomic_write_tex
                                  is_current, output_entry, read_manifest, sha256_file)
 from megaseek.data.tokenizer import eos_id, load_tokenizer, train_bpe
 
-BATCH_BYTES = 4 << 20
+BATCH_BYTES = 8 << 20
 
 
 def tokenizer_identity(spec: DataSpec) -> dict:
@@ -90,20 +91,35 @@ def _sample(spec: DataSpec, parts_by_source: dict) -> Iterator[str]:
 
 def encode_batch(tok, texts: list, eos: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens of all documents, each followed by EOS; tokens per document)."""
-    ids = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+    return _flatten(tok.encode_batch_fast(texts, add_special_tokens=False), eos)
+
+
+def _flatten(encodings: list, eos: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = [e.ids for e in encodings]
     lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lens.sum()))
     return np.insert(flat, np.cumsum(lens), eos), lens + 1
 
 
 def write_part_shard(tok, part: Path, shard: Path, vocab_size: int, eos: int, meta: dict) -> dict:
+    """Tokenize one Parquet part into one shard. `tokenizers` encodes batch i+1 (its threads, without the
+    GIL) while this thread flattens and writes batch i."""
     w = ShardWriter(shard, vocab_size, meta)
+    pool = ThreadPoolExecutor(1)
     try:
+        pending = None
         for texts in iter_texts([part]):
-            w.add(*encode_batch(tok, texts, eos))
+            nxt = pool.submit(tok.encode_batch_fast, texts, add_special_tokens=False)
+            if pending is not None:
+                w.add(*_flatten(pending.result(), eos))
+            pending = nxt
+        if pending is not None:
+            w.add(*_flatten(pending.result(), eos))
     except BaseException:
         w.abort()
         raise
+    finally:
+        pool.shutdown(wait=True)
     return w.close()
 
 
