@@ -32,11 +32,13 @@ def _bcast_str(s: Optional[str]) -> Optional[str]:
 
 class CheckpointManager:
     def __init__(self, run_dir: Path, engine, groups, model_cfg, vocab_size: int, tokenizer_path: Optional[Path],
-                 skip_params=(), rng_tracker=None, keep: int = 3, native: bool = False, log=print):
+                 skip_params=(), rng_tracker=None, keep: int = 3, native: bool = False, log=print,
+                 fault_sleep: Optional[tuple] = None):
         self.run_dir, self.engine, self.groups = Path(run_dir), engine, groups
         self.model_cfg, self.vocab_size, self.tokenizer_path = model_cfg, vocab_size, tokenizer_path
         self.skip, self.rng, self.keep, self.native, self.log = tuple(skip_params), rng_tracker, keep, native, log
         self.rank = groups.global_rank
+        self.fault_sleep = fault_sleep  # (step, seconds): stall mid-write (tests kill a run while it saves)
 
     # --- save ---
     def save(self, step: int, state: dict) -> Path:
@@ -63,6 +65,10 @@ class CheckpointManager:
         if self.rng is not None:
             rng.update({f"tracker_{k}": v for k, v in self.rng.state_dict().items() if v is not None})
         save_file(rng, str(tmp / f"rng-rank{self.rank}.safetensors"))
+        if self.fault_sleep and int(self.fault_sleep[0]) == step:
+            import time
+            self.log(f"[ckpt] fault injection: stalling {self.fault_sleep[1]}s while writing {tmp.name}")
+            time.sleep(float(self.fault_sleep[1]))
         if self.native:  # DeepSpeed's own format beside ours (zero_to_fp32.py, DeepSpeed tools)
             self.engine.save_checkpoint(str(tmp / "ds"), tag="native", client_state={"step": step})
         # which stage file holds which tensor: gathered to rank 0

@@ -36,10 +36,20 @@ def base_optimizer(engine):
     return opt
 
 
-def ensure_adam_state(opt: torch.optim.Optimizer) -> None:
+def _flat_partitions(engine) -> list:
+    """The fp32 tensors DeepSpeed's wrapped optimizer keys its state by (ZeRO-3, ZeRO-1/2, bf16)."""
+    zo = engine.optimizer
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if hasattr(zo, attr):
+            return list(getattr(zo, attr))
+    return []
+
+
+def ensure_adam_state(opt: torch.optim.Optimizer, extra=()) -> None:
     """Create zero Adam moments (lazily created on the first step) so that they can be overwritten."""
-    for group in opt.param_groups:
-        for p in group["params"]:
+    params = [p for group in opt.param_groups for p in group["params"]] + list(extra)
+    for p in params:
+        if True:
             st = opt.state[p]
             if "exp_avg" not in st:
                 st["step"] = torch.zeros((), dtype=torch.float32) if not _is_ds_cpu_adam(opt) else 0
@@ -104,6 +114,10 @@ def _set_local_full(engine, p: torch.nn.Parameter, key: str, value: torch.Tensor
             safe_set_full_fp32_param(p, dev_val)
             if not hasattr(p, "ds_id"):  # ZeRO-1/2, bf16: the module's (low-precision) copy too
                 with torch.no_grad():
+                    p.copy_(value.to(p.device, p.dtype))
+            else:  # ZeRO-3: the module's partition too (gather, set on every rank alike, re-partition)
+                import deepspeed
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
                     p.copy_(value.to(p.device, p.dtype))
         else:
             safe_set_full_optimizer_state(p, dev_val, key)
@@ -171,7 +185,7 @@ def _local_shape(p) -> tuple:
 
 def load_full_state(engine, model, groups, tensors: dict[str, dict], load_optimizer: bool = True) -> list[str]:
     """Set every local parameter (and its Adam moments) from full tensors; returns names not found."""
-    ensure_adam_state(base_optimizer(engine))
+    ensure_adam_state(base_optimizer(engine), _flat_partitions(engine))
     relink_hp_optimizer_state(engine)
     missing = []
     for name, p in model.named_parameters():

@@ -65,6 +65,11 @@ def global_grad_norm(model: torch.nn.Module, groups: ParallelGroups) -> float:
     return float(sq.sqrt())
 
 
+def _fault_sleep(cfg) -> Optional[tuple]:
+    f = cfg.train.get("fault") or {}
+    return (int(f["save_sleep_step"]), float(f.get("save_sleep_s", 600))) if f.get("save_sleep_step") else None
+
+
 def skip_if_not_finite(engine, grad_norm: float) -> None:
     """ZeRO stage 0: DeepSpeed has no overflow check in fp32, so our optimizer skips the coming step itself
     (the norm is global, so every rank decides alike; DeepSpeed then counts it in engine.skipped_steps)."""
@@ -133,7 +138,8 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, self.engine, self.groups, self.mcfg, self.mcfg.vocab_size,
                                       self.data.tokenizer_path, skip_params=[self.tied_copy] if self.tied_copy is not None else [],
                                       rng_tracker=self.rng, keep=int(cfg.train.get("ckpt_keep", 3)),
-                                      native=bool(cfg.train.get("ckpt_native", False)), log=log0)
+                                      native=bool(cfg.train.get("ckpt_native", False)), log=log0,
+                                      fault_sleep=_fault_sleep(cfg))
         self.flops = flops_per_token(self.mcfg, lay.seq_len, str(cfg.train.activation_checkpointing))
         self.peak, self.peak_src = measured_peak_flops(self.env, str(cfg.precision.name))
         return self
@@ -160,6 +166,8 @@ class Trainer:
         sched = self.scheduler.state_dict()
         sched.update(st["scheduler"])
         self.scheduler.load_state_dict(sched)
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # load_state_dict does not touch the optimizer: the next step must use this lr
         self.engine.global_steps = int(st["step"])
         self.engine.skipped_steps = int(st.get("skipped_steps", 0))
         if st.get("loss_scale") is not None and hasattr(self.engine.optimizer, "cur_scale"):
@@ -287,7 +295,9 @@ class Trainer:
     def _inject_fault(self, loss: torch.Tensor) -> torch.Tensor:
         """train.fault.nan_step / nan_rank: make one rank's loss NaN at one step (tests of the skip path)."""
         f = self.cfg.train.get("fault") or {}
-        if int(f.get("nan_step", -1)) == self._step + 1 and int(f.get("nan_rank", 0)) == self.env.rank:
+        steps = f.get("nan_step", -1)
+        steps = list(steps) if OmegaConf.is_list(steps) or isinstance(steps, (list, tuple)) else [steps]
+        if self._step + 1 in [int(x) for x in steps] and int(f.get("nan_rank", 0)) == self.env.rank:
             return loss * float("nan")
         return loss
 

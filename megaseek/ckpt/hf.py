@@ -1,0 +1,275 @@
+"""Checkpoint consumers: the full model at tp = 1, a Hugging Face Llama export, and text evaluation.
+
+Reads only safetensors and JSON (no pickle). A checkpoint's weights are full fp32 tensors under canonical
+(tp = 1) names, one file per pipeline stage (see checkpoint.py); this module maps them as follows:
+
+    megaseek (canonical)                  Hugging Face LlamaForCausalLM
+    embed.weight                          model.embed_tokens.weight
+    layers.{i}.attn_norm.weight           model.layers.{i}.input_layernorm.weight
+    layers.{i}.attn.q_proj.weight         model.layers.{i}.self_attn.q_proj.weight
+    layers.{i}.attn.k_proj.proj.weight    model.layers.{i}.self_attn.k_proj.weight
+    layers.{i}.attn.v_proj.proj.weight    model.layers.{i}.self_attn.v_proj.weight
+    layers.{i}.attn.o_proj.weight         model.layers.{i}.self_attn.o_proj.weight
+    layers.{i}.mlp_norm.weight            model.layers.{i}.post_attention_layernorm.weight
+    layers.{i}.mlp.gate_proj.weight       model.layers.{i}.mlp.gate_proj.weight
+    layers.{i}.mlp.up_proj.weight         model.layers.{i}.mlp.up_proj.weight
+    layers.{i}.mlp.down_proj.weight       model.layers.{i}.mlp.down_proj.weight
+    norm.weight                           model.norm.weight
+    lm_head.weight (untied only)          lm_head.weight (absent with tie_word_embeddings)
+
+No weight is permuted: our RoPE uses the rotate-half layout of HF's `apply_rotary_pos_emb`, and q/k heads
+are laid out head-major in both. Vocabulary padding is not in the checkpoint (HF vocab_size = ours).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from megaseek.ckpt import checkpoint as C
+
+EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_STAGE = re.compile(r"^weights-stage(\d+)\.safetensors$")
+_HF_LAYER = {"attn_norm.weight": "input_layernorm.weight", "attn.q_proj.weight": "self_attn.q_proj.weight",
+             "attn.k_proj.proj.weight": "self_attn.k_proj.weight", "attn.v_proj.proj.weight": "self_attn.v_proj.weight",
+             "attn.o_proj.weight": "self_attn.o_proj.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
+             "mlp.gate_proj.weight": "mlp.gate_proj.weight", "mlp.up_proj.weight": "mlp.up_proj.weight",
+             "mlp.down_proj.weight": "mlp.down_proj.weight"}
+_HF_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "lm_head.weight": "lm_head.weight"}
+
+
+class CheckpointError(ValueError):
+    """A path that is not a usable megaseek checkpoint; the message names the path."""
+
+
+# --- finding and reading a checkpoint ---
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (verified), or a run directory / its checkpoints/ folder -> its newest valid one."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no such directory")
+    run = p if (p / "checkpoints").is_dir() else p.parent if p.name == "checkpoints" else None
+    if run is None:
+        why = C.verify(p)
+        if why is not None:
+            raise CheckpointError(f"{p}: not a valid megaseek checkpoint: {why}")
+        return p
+    skipped: list[str] = []
+    found = C.newest_valid(run, warn=skipped.append)
+    if found is None:
+        detail = "; ".join(skipped) or "no global_step* checkpoint"
+        raise CheckpointError(f"{p}: run directory without a valid checkpoint ({detail})")
+    return found
+
+
+def model_config(ckpt: Path):
+    from megaseek.model.config import ModelConfig
+    try:
+        return ModelConfig.from_dict(C.read_manifest(ckpt)["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}: manifest.json has no usable model config ({e})") from e
+
+
+def load_weights(ckpt: Path) -> dict:
+    """Every full tensor of the checkpoint by canonical name, read from the stage files in stage order.
+
+    Stage files written with stage-local layer numbers (each pipeline stage naming its first layer
+    `layers.0`) are renumbered by the layers of the stages before them, so both global and stage-local
+    naming give the global names."""
+    from safetensors import safe_open
+    man = C.read_manifest(ckpt)
+    stages = sorted((int(m.group(1)), rel) for rel in man["files"] if (m := _STAGE.match(rel)))
+    if not stages:
+        raise CheckpointError(f"{ckpt}: no weights-stage*.safetensors in the manifest")
+    out, seen_layers = {}, 0
+    for _, rel in stages:
+        with safe_open(str(ckpt / rel), framework="pt") as f:
+            names = list(f.keys())
+            idx = sorted({int(m.group(1)) for n in names if (m := _LAYER.match(n))})
+            offset = seen_layers if idx and idx[0] < seen_layers else 0  # stage-local numbering
+            for n in names:
+                m = _LAYER.match(n)
+                key = f"layers.{int(m.group(1)) + offset}.{m.group(2)}" if m else n
+                if key in out:
+                    raise CheckpointError(f"{ckpt}: tensor {key} appears in two stage files")
+                out[key] = f.get_tensor(n).float()
+            seen_layers = max([seen_layers] + [i + offset + 1 for i in idx])
+    return out
+
+
+def expected_shapes(cfg) -> dict:
+    """Canonical name -> full shape (no vocabulary padding) of a model config."""
+    h, d, i, v = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    shapes = {"embed.weight": (v, h), "norm.weight": (h,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    layer = {"attn_norm.weight": (h,), "attn.q_proj.weight": (cfg.num_heads * d, h),
+             "attn.k_proj.proj.weight": (cfg.num_kv_heads * d, h), "attn.v_proj.proj.weight": (cfg.num_kv_heads * d, h),
+             "attn.o_proj.weight": (h, cfg.num_heads * d), "mlp_norm.weight": (h,), "mlp.gate_proj.weight": (i, h),
+             "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i)}
+    for L in range(cfg.num_layers):
+        shapes.update({f"layers.{L}.{k}": s for k, s in layer.items()})
+    return shapes
+
+
+def checked_weights(ckpt: Path, cfg) -> dict:
+    w, want = load_weights(ckpt), expected_shapes(cfg)
+    missing, extra = sorted(set(want) - set(w)), sorted(set(w) - set(want))
+    bad = [f"{n}: {tuple(w[n].shape)} != {s}" for n, s in want.items() if n in w and tuple(w[n].shape) != s]
+    if missing or extra or bad:
+        raise CheckpointError(f"{ckpt}: weights do not match the model config: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}, wrong shapes {bad[:5]}")
+    return w
+
+
+def load_model(ckpt_dir: str | Path):
+    """(Decoder at tp = 1 in eval mode holding the checkpoint's weights, ModelConfig). Accepts a run dir too."""
+    return model_at(resolve_checkpoint(ckpt_dir))
+
+
+def model_at(ckpt: Path):
+    """load_model for a checkpoint directory already resolved and verified."""
+    import torch
+    from megaseek.model.decoder import Decoder
+    cfg = model_config(ckpt)
+    w = checked_weights(ckpt, cfg)
+    model = Decoder(cfg, seed=0)
+    sd = {}
+    for name, t in model.state_dict().items():
+        src = w[name]
+        if src.shape != t.shape:  # pad_vocab_multiple > 1: zero rows past the vocabulary
+            src = torch.cat([src, src.new_zeros((t.shape[0] - src.shape[0],) + tuple(src.shape[1:]))])
+        sd[name] = src
+    model.load_state_dict(sd, strict=True)
+    return model.eval(), cfg
+
+
+# --- Hugging Face export ---
+def hf_name(name: str) -> str:
+    m = _LAYER.match(name)
+    if m:
+        return f"model.layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
+    return _HF_TOP[name]
+
+
+def hf_config(cfg, eos_id: Optional[int], pad_id: Optional[int]) -> dict:
+    """config.json of LlamaForCausalLM (transformers 4.x keys rope_theta / torch_dtype and 5.x keys
+    rope_parameters / dtype both present)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "tie_word_embeddings": bool(cfg.tie_embeddings), "attention_bias": False, "mlp_bias": False,
+            "attention_dropout": 0.0, "initializer_range": cfg.init_std, "pretraining_tp": 1, "use_cache": True,
+            "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
+            "torch_dtype": "float32", "dtype": "float32"}
+
+
+def _write_tokenizer(ckpt: Path, out: Path, max_len: int) -> tuple[Optional[int], Optional[int]]:
+    """tokenizer.json (copied) + tokenizer_config.json for AutoTokenizer / PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer
+    src = ckpt / "tokenizer.json"
+    if not src.is_file():
+        raise CheckpointError(f"{ckpt}: no tokenizer.json")
+    tok = Tokenizer.from_file(str(src))
+    shutil.copy(src, out / "tokenizer.json")
+    special = {"eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
+    (out / "tokenizer_config.json").write_text(json.dumps(dict(
+        special, tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_len, clean_up_tokenization_spaces=False),
+        indent=1))
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
+    return tok.token_to_id(EOS_TOKEN), tok.token_to_id(PAD_TOKEN)
+
+
+def export_hf(ckpt_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a LlamaForCausalLM directory (config.json, model.safetensors, tokenizer) for a checkpoint or run.
+    Everything is written into a temporary sibling and renamed into place, so a failure leaves `out` untouched."""
+    from safetensors.torch import save_file
+    ckpt = resolve_checkpoint(ckpt_dir)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"{out}: output exists and is not an empty directory (pass overwrite=true)")
+    cfg = model_config(ckpt)
+    w = checked_weights(ckpt, cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        eos, pad = _write_tokenizer(ckpt, tmp, cfg.max_seq_len)
+        save_file({hf_name(n): t.contiguous() for n, t in w.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, eos, pad), indent=1))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad}, indent=1))
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --- evaluation ---
+def text_ids(ckpt: Path, text: str) -> list[int]:
+    """The text's token ids under the checkpoint's tokenizer, after one EOS: in training every document
+    follows an EOS, so the first token of the text is predicted too."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    return [tok.token_to_id(EOS_TOKEN)] + tok.encode(text, add_special_tokens=False).ids
+
+
+def windowed_loss(model, ids: list[int], seq_len: int, batch: int = 4) -> tuple[float, int]:
+    """(mean token loss, tokens scored): ids[1:] each predicted once, in independent windows of `seq_len`
+    inputs (window k: inputs ids[k L : (k+1) L], targets shifted by one)."""
+    import torch
+    import torch.nn.functional as F
+    t = torch.tensor(ids, dtype=torch.long)
+    n = t.numel() - 1
+    if n < 1:
+        raise ValueError("the text has no token to predict")
+    wins = [(a, min(a + seq_len, n)) for a in range(0, n, seq_len)]
+    total = 0.0
+    with torch.no_grad():
+        for k in range(0, len(wins), batch):
+            group = wins[k:k + batch]
+            for L in sorted({b - a for a, b in group}):  # batch windows of equal length
+                same = [(a, b) for a, b in group if b - a == L]
+                x = torch.stack([t[a:b] for a, b in same])  # (w, L)
+                y = torch.stack([t[a + 1:b + 1] for a, b in same])  # (w, L)
+                z = model(x)[..., :model.cfg.vocab_size]  # (w, L, V)
+                total += float(F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), reduction="sum"))
+    return total / n, n
+
+
+def evaluate_text(ckpt_dir: str | Path, text: str, seq_len: Optional[int] = None) -> dict:
+    ckpt = resolve_checkpoint(ckpt_dir)
+    model, cfg = model_at(ckpt)
+    L = int(seq_len or cfg.max_seq_len)
+    if not 1 <= L <= cfg.max_seq_len:
+        raise ValueError(f"seq_len={L} must be in [1, model.max_seq_len={cfg.max_seq_len}]")
+    loss, n = windowed_loss(model, text_ids(ckpt, text), L)
+    return {"checkpoint": str(ckpt), "tokens": n, "loss": loss, "perplexity": math.exp(loss)}
+
+
+# --- entry-script arguments ---
+def parse_cli(argv: list[str], required: tuple, optional: tuple = ()) -> dict:
+    """Hydra-style `key=value` arguments (a leading `+` allowed); ValueError names what is wrong."""
+    out = {}
+    for a in argv:
+        k, eq, v = a.lstrip("+").partition("=")
+        if not eq or k not in required + optional:
+            raise ValueError(f"unexpected argument {a!r}; usage: " + " ".join(
+                [f"{r}=..." for r in required] + [f"[{o}=...]" for o in optional]))
+        out[k] = v
+    missing = [k for k in required if not out.get(k)]
+    if missing:
+        raise ValueError(f"missing {', '.join(f'{k}=...' for k in missing)}")
+    return out
