@@ -86,7 +86,7 @@ def test_activation_model_equals_saved_tensors_tensor_parallel():
 
 # --- whole runs: peak RSS ---
 
-COMMON = SMALL_DATA + ["data.tokenizer.vocab_size=1001", "train.steps=2", "train.sample_tokens=0",
+COMMON = SMALL_DATA + ["data.tokenizer.vocab_size=1001", "train.steps=2", "train.sample_tokens=0", "logging.wandb.mode=disabled",
                        "logging.progress=false", "train.save_interval=100000", "train.log_interval=1"]
 RUNS = {  # name: (world, overrides)
     "base-w1": (1, SMALL_MODEL + ["zero.stage=1", "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=4"]),
