@@ -27,6 +27,7 @@ def make_sources(tmp_path):
     (d / "text" / "empty.txt").write_bytes(b"")
     (d / "text" / "blob.txt").write_bytes(b"\x00\x01\x02binary" * 50)
     (d / "text" / "latin1.txt").write_bytes(prose(5).encode("latin-1") + "ÿ".encode("latin-1") * 40)
+    (d / "text" / "fixable.txt").write_bytes(prose(6).encode() + b"\xff" + prose(7).encode())   # one bad byte
     (d / "text" / "skipped.json").write_text("{}")                     # not a source extension
     base = prose(10, 300)
     web = [{"text": prose(11)}, {"text": base}, "{not json", {"body": prose(12)}, {"text": 42},
@@ -51,17 +52,17 @@ def test_tiers_manifests_report_and_tokens(tmp_path):
     tok_dir = prepare(spec, log=logs.append)
 
     raw = read_manifest(spec.tier_dir("raw"))
-    assert raw["counts"] == {"text": 7, "web": 1, "domain": 1}          # .json is not a source file
+    assert raw["counts"] == {"text": 8, "web": 1, "domain": 1}          # .json is not a source file
     for o, i in zip(raw["outputs"], raw["inputs"]):                    # byte copies, hashed
         assert sha256_file(spec.tier_dir("raw") / o["path"]) == o["sha256"] == sha256_file(i["path"])
     assert set(raw["tools"]) >= {"python", "pyarrow", "tokenizers", "datasketch", "numpy"}
 
     cleaned = read_manifest(spec.tier_dir("cleaned"))
-    assert cleaned["counts"] == {"text": {"docs_in": 7, "docs_out": 4}, "web": {"docs_in": 10, "docs_out": 3},
+    assert cleaned["counts"] == {"text": {"docs_in": 8, "docs_out": 5}, "web": {"docs_in": 10, "docs_out": 3},
                                  "domain": {"docs_in": 4, "docs_out": 2}}
     assert cleaned["config"]["web"]["clean"]["near_threshold"] == 0.8
     rows = {o["source"]: o["docs"] for o in cleaned["outputs"]}
-    assert rows == {"text": 4, "web": 3, "domain": 2}
+    assert rows == {"text": 5, "web": 3, "domain": 2}
     report = {s["source"]: s for s in json.loads((spec.tier_dir("cleaned") / "report.json").read_text())["sources"]}
     web = report["web"]
     bad = {(e["origin"].rsplit("/", 1)[-1], e["reason"]) for e in web["bad_input"]["examples"]}
@@ -74,7 +75,9 @@ def test_tiers_manifests_report_and_tokens(tmp_path):
     text = report["text"]
     # the latin-1 file has too many undecodable bytes to repair: dropped and reported
     assert text["bad_input"]["counts"] == {"empty_file": 1, "binary_file": 1, "invalid_utf8": 1}
-    assert text["repaired_utf8"]["docs"] == 0
+    # the file with one undecodable byte is repaired (the byte removed), kept, and reported
+    assert text["repaired_utf8"]["docs"] == 1 and text["repaired_utf8"]["bytes_removed"] == 1
+    assert text["repaired_utf8"]["examples"][0].endswith("text/fixable.txt")
     assert report["domain"]["removed"]["null_text"]["docs"] == 1 and report["domain"]["removed"]["too_short"]
     # the CJK document survives cleaning: only NFKC touches it (full-width comma -> ',')
     web_texts = pq.read_table(spec.tier_dir("cleaned") / "web" / "part-00000.parquet").column("text").to_pylist()
@@ -111,6 +114,13 @@ def test_rerun_does_nothing_and_changes_rebuild_only_later_tiers(tmp_path):
     prepare(DataSpec.from_config(d), log=lambda m: None)
     assert os.stat(spec.tier_dir("raw") / "manifest.json").st_mtime_ns == stamp["raw"]
     assert read_manifest(spec.tier_dir("cleaned"))["counts"]["domain"]["docs_out"] == 3   # "tiny" passes now
+    # data.rebuild=[cleaned] rebuilds that tier and the next, not raw
+    d["rebuild"] = ["cleaned"]
+    before = os.stat(spec.tier_dir("cleaned") / "manifest.json").st_mtime_ns
+    prepare(DataSpec.from_config(d), log=lambda m: None)
+    assert os.stat(spec.tier_dir("cleaned") / "manifest.json").st_mtime_ns != before
+    assert os.stat(spec.tier_dir("raw") / "manifest.json").st_mtime_ns == stamp["raw"]
+    d["rebuild"] = []
     # a changed input file is received again
     (tmp_path / "src" / "text" / "a.txt").write_text(prose(99))
     logs = []
