@@ -204,3 +204,28 @@ def test_tokenizer_loads_in_transformers(tmp_path):
     assert sha256_file(tok2 / "tokenizer.json") == sha256_file(tok_dir / "tokenizer.json")
     assert np.array_equal(open_shard(next((tok2 / "mix").glob("*.bin"))),
                           open_shard(next((tok_dir / "mix").glob("*.bin"))))
+
+
+def _square(x):
+    return x * x
+
+
+def _no_init():
+    pass
+
+
+def test_worker_pool_streams_in_order_with_a_bounded_window():
+    """Memory does not grow with the input: at most `window` batches are read ahead of the results."""
+    from megaseek.data.parallel import ordered_map
+    for workers in (1, 2):
+        consumed = []
+
+        def items():
+            for i in range(60):
+                consumed.append(i)
+                yield i
+
+        for k, r in enumerate(ordered_map(_square, items(), workers, _no_init, (), window=4)):
+            assert r == k * k                                  # in input order
+            assert len(consumed) <= k + 1 + 4                  # bounded read-ahead
+        assert len(consumed) == 60

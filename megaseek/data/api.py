@@ -4,6 +4,9 @@ The trainer knows nothing of tiers, tokenizers or blends: it gets a `DataBundle`
 the data config (one ConfigError before any work), prepares the tiers once (local rank 0 of each
 node; the others wait; a failure there is raised on every rank) and opens the tokenized tier named by
 `data.name`: one packed window stream per source, blended by weight.
+
+Preparing a large corpus takes longer than the process-group timeout lets the other ranks wait: run
+`launch/prepare_data.py` first; the trainer then only checks the manifests.
 """
 from __future__ import annotations
 

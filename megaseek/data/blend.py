@@ -75,6 +75,10 @@ class BlendSchedule:
     def locate(self, positions) -> tuple[np.ndarray, np.ndarray]:
         """(source index, sample index) of each global position."""
         pos = np.asarray(positions, dtype=np.int64)
+        if len(self.sizes) == 1:  # one source: the n-th sample is the n-th of its epochs
+            epoch, j = np.divmod(pos, self.sizes[0])
+            return np.zeros(len(pos), dtype=np.int64), np.array(
+                [self._perms.get_((0, int(e)))[int(i)] for e, i in zip(epoch, j)], dtype=np.int64)
         src = np.empty(len(pos), dtype=np.int64)
         idx = np.empty(len(pos), dtype=np.int64)
         for i, p in enumerate(pos):

@@ -79,7 +79,8 @@ def clean_batch(task: tuple) -> list:
     out = []
     for kind, origin, payload in records:
         words = None
-        nbytes = len(payload) if isinstance(payload, bytes) else len(payload.encode()) if isinstance(payload, str) else 0
+        nbytes = (len(payload) if isinstance(payload, bytes) else
+                  len(payload.encode()) if kind == "str" and isinstance(payload, str) else 0)
         text, reason, bad = _text_of(kind, payload, field, cleaner.cfg)
         if text is not None:
             text, reason = cleaner.normalize(text)

@@ -2,7 +2,7 @@
 
 The tokenizer is trained (byte-level BPE, `data.tokenizer.vocab_size`, special tokens from config) on
 up to `tokenizer_sample_bytes` of the cleaned tier, split between sources by weight, or copied from
-`data.tokenizer.path`. Documents are encoded in batches by `tokenizers` (its own threads use every
+`data.tokenizer.path` (a trained tokenizer depends on the weights, so changing them retokenizes). Documents are encoded in batches by `tokenizers` (its own threads use every
 core; the next batch is encoded while this one is written) with EOS after each one. A resumed stage keeps the tokenizer and every finished shard.
 """
 from __future__ import annotations
