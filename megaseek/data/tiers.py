@@ -105,6 +105,8 @@ class PartialTier:
         self.dir = self.final.with_name(self.final.name + ".partial")
         stamp = self.dir / "FINGERPRINT"
         self.resumed = False
+        for old in self.final.parent.glob(self.final.name + ".old*"):  # left by a crash inside finish()
+            shutil.rmtree(old, ignore_errors=True)
         if self.dir.exists():
             if not fresh and stamp.is_file() and stamp.read_text().strip() == fp:
                 self.resumed = True
