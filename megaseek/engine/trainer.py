@@ -293,11 +293,13 @@ class Trainer:
         return bool(t.item() > 0)
 
     def _inject_fault(self, loss: torch.Tensor) -> torch.Tensor:
-        """train.fault.nan_step / nan_rank: make one rank's loss NaN at one step (tests of the skip path)."""
+        """train.fault.nan_step / nan_rank: make one rank's loss NaN on given global batches (tests of the skip
+        path)."""
         f = self.cfg.train.get("fault") or {}
         steps = f.get("nan_step", -1)
         steps = list(steps) if OmegaConf.is_list(steps) or isinstance(steps, (list, tuple)) else [steps]
-        if self._step + 1 in [int(x) for x in steps] and int(f.get("nan_rank", 0)) == self.env.rank:
+        # keyed on the global batch (1-based), not the step: after a rollback the data moves on, as a bad batch would
+        if self._batch + 1 in [int(x) for x in steps] and int(f.get("nan_rank", 0)) == self.env.rank:
             return loss * float("nan")
         return loss
 
@@ -314,9 +316,10 @@ class Trainer:
             raise RuntimeError(f"training stopped at step {step}: {streak} consecutive steps with non-finite loss or "
                                f"gradients (train.max_bad_steps={limit}, train.on_bad_steps={action}, "
                                f"{self._rollbacks} rollbacks so far). Lower optimizer.lr or check the data.")
-        position = self.loader.state_dict()
+        position, skipped = self.loader.state_dict(), int(getattr(self.engine, "skipped_steps", 0))
         back = self.restore(path)
         self.loader.load_state_dict(position)
+        self.engine.skipped_steps = skipped  # a run statistic: the rollback does not undo it
         self._rollbacks += 1
         log0(f"[train] {streak} consecutive non-finite steps: rolled back to {path.name} (step {back}); "
              f"the data position stays at {position.get('consumed_samples', position.get('next_batch'))}")
@@ -339,7 +342,7 @@ class Trainer:
         n_in_interval, last, ckpt_path, stopped_by = 0, None, None, None
         step = start
         while step < steps:
-            self._step = step
+            self._step, self._batch = step, int(self.loader.state_dict()["next_batch"])
             skipped_before = int(getattr(self.engine, "skipped_steps", 0))
             out = self.train_step()
             skipped = int(getattr(self.engine, "skipped_steps", 0)) > skipped_before
