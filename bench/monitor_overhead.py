@@ -11,7 +11,9 @@ One process trains the same model from scratch several times, alternating the tw
 Step time = wall time between two consecutive log records / steps between them (JSONL `time` stamps:
 everything the loop does, hub.log included); the median over the steady state (the first --warmup-frac
 of the records are left out), then the median over rounds.
-Also prints the hub's own cost per call (log with every sink, progress), timed directly.
+Also prints: the hub's share of a step on the training thread, from its own `time_monitor_s` (robust
+to a loaded machine: both figures come from the same steps); the CPU that the background sink thread and
+wandb's service process used, relative to the run's own CPU; the hub's cost per call, timed directly.
 """
 from __future__ import annotations
 
@@ -54,20 +56,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def scraper(port: int, stop: threading.Event) -> None:
+class CpuWatch:
+    """CPU seconds of the hub's background thread and of child processes (wandb-core) over one run."""
+
+    def __init__(self):
+        import psutil
+        self.me = psutil.Process()
+        self.kids0 = self._kids()
+        self.thread_cpu: dict = {}
+        self.kids = dict(self.kids0)
+        self.cpu0 = time.process_time()
+
+    def _kids(self) -> dict:
+        out = {}
+        for c in self.me.children(recursive=True):
+            try:
+                t = c.cpu_times()
+                out[c.pid] = t.user + t.system
+            except Exception:
+                pass
+        return out
+
+    def sample(self) -> None:
+        ids = {t.native_id for t in threading.enumerate() if t.name == "megaseek-monitor"}
+        for th in self.me.threads():
+            if th.id in ids:
+                self.thread_cpu[th.id] = th.user_time + th.system_time
+        self.kids.update(self._kids())
+
+    def result(self) -> dict:
+        kids = sum(v - self.kids0.get(pid, 0.0) for pid, v in self.kids.items())
+        return {"thread": sum(self.thread_cpu.values()), "children": kids, "process": time.process_time() - self.cpu0}
+
+
+def scraper(port: int, stop: threading.Event, watch: CpuWatch) -> None:
     while not stop.wait(0.5):
+        watch.sample()
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read()
         except OSError:
             pass
 
 
-def steady_step_time(run_dir: Path, warmup_frac: float) -> float:
+def steady(run_dir: Path, warmup_frac: float) -> tuple[float, float]:
+    """(median wall time per step, median share of the hub on the training thread) over the steady state."""
     from megaseek.monitor.metrics import read_metrics
     recs = read_metrics(run_dir / "metrics.jsonl")
     k = min(len(recs) - 2, max(1, int(len(recs) * warmup_frac)))
     per = [(b["time"] - a["time"]) / (b["step"] - a["step"]) for a, b in zip(recs[k:], recs[k + 1:])]
-    return statistics.median(per)  # robust to bursts from other processes on the machine
+    share = [r["time_monitor_s"] / r["step_time_s"] for r in recs[k + 1:] if "time_monitor_s" in r]
+    return statistics.median(per), (statistics.median(share) if share else 0.0)
 
 
 def train_once(base: list[str], extra: list[str], run_dir: Path) -> None:
@@ -114,6 +152,7 @@ def main() -> None:
                                  f"train.log_interval={args.log_interval}", "train.save_interval=1000000",
                                  "train.sample_tokens=0", "zero.stage=0"]
     times: dict[str, list[float]] = {"off": [], "on": []}
+    shares, cpu = [], []
     with tempfile.TemporaryDirectory(prefix="monbench-") as tmp:
         tmp = Path(tmp)
         os.environ.setdefault("WANDB_CONFIG_DIR", str(tmp / "wandb-config"))
@@ -121,16 +160,21 @@ def main() -> None:
         for rnd in range(args.rounds):
             for mode in ("off", "on"):
                 run_dir = tmp / f"{mode}{rnd}"
-                stop = threading.Event()
+                stop, watch = threading.Event(), CpuWatch()
                 extra = OFF
                 if mode == "on":
                     port = free_port()
                     extra = on_overrides(port)
-                    threading.Thread(target=scraper, args=(port, stop), daemon=True).start()
+                    threading.Thread(target=scraper, args=(port, stop, watch), daemon=True).start()
                 train_once(base, extra, run_dir)
                 stop.set()
-                times[mode].append(steady_step_time(run_dir, args.warmup_frac))
-                print(f"[bench] round {rnd} {mode:>3}: {1000 * times[mode][-1]:.2f} ms/step", flush=True)
+                t, share = steady(run_dir, args.warmup_frac)
+                times[mode].append(t)
+                if mode == "on":
+                    shares.append(share)
+                    cpu.append(watch.result())
+                print(f"[bench] round {rnd} {mode:>3}: {1000 * t:.2f} ms/step"
+                      + (f", hub on the training thread {100 * share:.3f}% of a step" if mode == "on" else ""), flush=True)
         costs = hub_call_costs(tmp)
 
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
@@ -139,6 +183,10 @@ def main() -> None:
     print(f"step time, monitoring off: {1000 * off:.2f} ms   (runs: {', '.join(f'{1000 * t:.2f}' for t in times['off'])})")
     print(f"step time, monitoring on:  {1000 * on:.2f} ms   (runs: {', '.join(f'{1000 * t:.2f}' for t in times['on'])})")
     print(f"ratio on/off: {on / off:.4f}  ({100 * (on / off - 1):+.2f}%; budget +3%)")
+    print(f"in the 'on' runs, the hub on the training thread (time_monitor_s / step_time_s, median): "
+          f"{100 * statistics.median(shares):.3f}% of a step")
+    bg = sum(c["thread"] + c["children"] for c in cpu) / sum(c["process"] for c in cpu)
+    print(f"CPU of the monitor thread + wandb-core (start-up included) / this process's CPU: {100 * bg:.2f}%")
     print(f"hub cost, called directly: log {1000 * costs['log']:.3f} ms/call (all sinks), "
           f"progress {1000 * costs['progress']:.3f} ms/call, close {costs['close']:.2f} s")
     print(f"  -> {1000 * per_step:.3f} ms per step at log_interval={args.log_interval} = "

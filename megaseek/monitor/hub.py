@@ -10,7 +10,9 @@ measures itself and fans the result out:
     rank 0      run_dir/metrics.jsonl (always), progress bar, TensorBoard, wandb
 
 `log` is collective-free and cheap: JSONL lines are written in place, Prometheus gets a dict reference,
-TensorBoard and wandb are written by a background thread (`logging.background`). A sink that fails warns
+TensorBoard and wandb are written by a background thread (`logging.background`). The hub reports its own
+cost: `time_monitor_s` = time spent in the hub on the training thread per step (this interval's
+`progress` calls and the previous `log`). A sink that fails warns
 once and is dropped; the JSONL file is the exception: its errors propagate.
 """
 from __future__ import annotations
@@ -97,7 +99,7 @@ class MetricsHub:
                  start_step: int = 0, run_config: Optional[dict] = None):
         log_cfg = log_cfg if log_cfg is not None else {}
         self.rank, self.world_size, self.run_dir = rank, world_size, Path(run_dir)
-        self.last_step, self.t0 = start_step, time.time()
+        self.last_step, self.t0, self.hub_s = start_step, time.time(), 0.0
         rc = run_config or {}
         self.seq_len = _get(rc, "train.seq_len")
         self.local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -161,12 +163,13 @@ class MetricsHub:
     # --- the seam ---
     def log(self, record: dict) -> dict:
         """Collective-free. Returns the record as written to metrics.jsonl (rank 0's view)."""
+        t_in = time.perf_counter()
         rec = dict(record)
         step = int(rec.get("step", self.last_step))
         n_steps = max(1, step - self.last_step)
         self.last_step = step
         self._derive(rec)
-        mine = {}
+        mine = {"time_monitor_s": self.hub_s / n_steps}
         if self.comm is not None:
             secs, calls = self.comm.take()
             mine["time_comm_s"] = secs / n_steps
@@ -183,6 +186,7 @@ class MetricsHub:
             self.jsonl.write(rec)
         if self.slow is not None:
             self.slow.put(rec)
+        self.hub_s = time.perf_counter() - t_in
         return rec
 
     def _derive(self, rec: dict) -> None:
@@ -196,10 +200,12 @@ class MetricsHub:
                 rec.setdefault("hardware_tflops", tf * hfu / mfu)
 
     def progress(self, step: int, record: Optional[dict]) -> None:
+        t_in = time.perf_counter()
         if self.bar:
             self.bar.update(step, record)
         if self.prom is not None:
             self.prom.set_step(step)
+        self.hub_s += time.perf_counter() - t_in
 
     def close(self) -> None:
         for name in ("bar", "slow", "prom", "rank_file", "jsonl"):

@@ -55,6 +55,7 @@ _ROWS = [
     Metric("time_backward_s", "time", "backward time per step", "backward_seconds"),
     Metric("time_step_s", "time", "optimizer step time per step", "optimizer_step_seconds"),
     Metric("time_comm_s", "time", "time inside torch.distributed collectives per step", "communication_seconds"),
+    Metric("time_monitor_s", "time", "time in the metrics hub on the training thread per step", "monitor_seconds"),
     # this process and its host
     Metric("cpu_percent", "sys", "CPU of this rank's process (100 = one core)", "process_cpu_percent"),
     Metric("rss_gb", "sys", "resident memory of this rank's process", "process_resident_memory_bytes",
