@@ -103,8 +103,8 @@ def test_jsonl_holds_every_metric_with_sane_values(run):
     recs = _jsonl(run["dir"] / "metrics.jsonl")
     steps = [r["step"] for r in recs]
     assert steps == list(range(LOG, STEPS + MORE + 1, LOG))  # the resume appends, continuing the steps
-    required = set(TRAINER_KEYS) | set(SYSTEM_KEYS) | {"time_comm_s", "tokens_seen", "peak_tflops",
-                                                       "hardware_tflops", "time"}
+    required = set(TRAINER_KEYS) | set(SYSTEM_KEYS) | {"time_comm_s", "time_monitor_s", "tokens_seen",
+                                                       "peak_tflops", "hardware_tflops", "time"}
     cfg = compose(COMMON)
     mcfg = ModelConfig.from_dict({k: v for k, v in dict(cfg.model).items()})
     fl = flops_per_token(mcfg, SEQ, "full")
@@ -125,6 +125,7 @@ def test_jsonl_holds_every_metric_with_sane_values(run):
         assert min(r["time_forward_s"], r["time_backward_s"], r["time_step_s"]) > 0 and r["time_data_s"] >= 0
         assert phases <= r["step_time_s"] * 1.02
         assert 0 < r["time_comm_s"] < 1.5 * r["step_time_s"]  # dp=2: gradients are all-reduced every step
+        assert 0 <= r["time_monitor_s"] < r["step_time_s"]  # the hub's own cost on the training thread
         assert 0 < r["rss_gb"] < 24 and r["num_threads"] >= 1 and r["cpu_percent"] >= 0
         assert 0 < r["host_mem_percent"] <= 100 and r["host_mem_available_gb"] > 0
         assert 0 <= r["host_cpu_percent"] <= 100
