@@ -2,6 +2,7 @@
 endpoint scraped over HTTP, TensorBoard read back by TensorBoard, a wandb offline run read back from its
 file), the communication timer in a 2-process gloo world, system metrics, the peak-FLOPs table and the
 Grafana / Prometheus files. The end-to-end run is in test_monitor_train.py."""
+import copy
 import json
 import math
 import re
@@ -216,3 +217,31 @@ def test_dashboard_queries_name_exported_metrics_and_scrape_config_matches():
     port = compose(["logging=full"]).logging.prometheus.port
     assert f"localhost:{port}" in job["static_configs"][0]["targets"]
     assert compose([]).logging.prometheus.host == "127.0.0.1"  # loopback unless configured otherwise
+
+
+def test_wandb_name_group_and_tags_come_from_hydra():
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from megaseek.monitor.wandb_sink import hydra_identity
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = hcompose("config", overrides=["optimizer.lr=1e-4", "zero.stage=1"], return_hydra_config=True)
+    sweep = copy.deepcopy(cfg)
+    with open_dict(sweep):  # a job of a `-m` sweep
+        sweep.hydra.mode, sweep.hydra.job.num = RunMode.MULTIRUN, 3
+    hc = HydraConfig.instance()
+    try:
+        hc.set_config(cfg)  # a single run: named after its directory
+        assert hydra_identity("/runs/r7", cfg.logging.wandb) == {
+            "name": "r7", "group": None, "overrides": ["optimizer.lr=1e-4", "zero.stage=1"]}
+        hc.set_config(sweep)  # a sweep job: named by its overrides, grouped by the sweep directory
+        got = hydra_identity("/multirun/x/3", sweep.logging.wandb)
+        assert got["name"] == "optimizer.lr=1e-4,zero.stage=1"
+        assert got["group"] == Path(str(sweep.hydra.sweep.dir)).name
+        assert hydra_identity("/multirun/x/3", {"name": "mine", "group": "g"})["name"] == "mine"
+    finally:
+        hc.cfg = None
+    assert not HydraConfig.initialized()

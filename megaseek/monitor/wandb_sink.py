@@ -6,9 +6,10 @@ a warning: a run never dies for its dashboard. Offline runs are uploaded later w
 
 Run identity: the id is kept in `run_dir/wandb/megaseek_run_id`, so a run started again in the same
 run_dir (a resume) continues the same wandb run (`resume="allow"`). Name, config and tags come from the
-Hydra config: name = `logging.wandb.name` or the run directory's name; config = the resolved config (plus
-the Hydra command-line overrides when Hydra is running); tags = `logging.wandb.tags` + model, precision,
-ZeRO stage and layout.
+Hydra config: name = `logging.wandb.name`, else the run directory's name (a sweep job: its overrides);
+group = `logging.wandb.group`, else the sweep directory of a `-m` sweep; config = the resolved config
+(plus the command-line overrides when Hydra is running); tags = `logging.wandb.tags` + model, precision,
+ZeRO stage, layout and the command-line overrides.
 """
 from __future__ import annotations
 
@@ -50,14 +51,25 @@ def _auto_tags(run_config: dict) -> list[str]:
     return tags
 
 
-def _hydra_overrides() -> Optional[list]:
+def hydra_identity(run_dir: Path, cfg: Any) -> dict:
+    """Name, group and override tags from Hydra. A single run is named after its run directory; a job of
+    a sweep (`-m`) after its overrides (`optimizer.lr=1e-4`), grouped by the sweep directory. Explicit
+    `logging.wandb.name` / `.group` win."""
+    out = {"name": Path(run_dir).name, "group": None, "overrides": None}
     try:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
         if HydraConfig.initialized():
-            return list(HydraConfig.get().overrides.task)
+            hc = HydraConfig.get()
+            out["overrides"] = list(hc.overrides.task)
+            if hc.mode == RunMode.MULTIRUN:
+                out["name"] = hc.job.override_dirname or f"{hc.job.name}-{hc.job.num}"
+                out["group"] = Path(str(hc.sweep.dir)).name
     except Exception:
         pass
-    return None
+    out["name"] = cfg.get("name") or out["name"]
+    out["group"] = cfg.get("group") or out["group"]
+    return out
 
 
 class WandbSink:
@@ -71,12 +83,13 @@ class WandbSink:
         id_path.write_text(self.run_id)
         config = dict(run_config or {})
         config["world_size"] = world_size
-        overrides = _hydra_overrides()
-        if overrides is not None:
-            config["hydra_overrides"] = overrides
-        tags = [str(t) for t in (cfg.get("tags") or [])] + _auto_tags(run_config or {})
+        ident = hydra_identity(run_dir, cfg)
+        if ident["overrides"] is not None:
+            config["hydra_overrides"] = ident["overrides"]
+        tags = ([str(t) for t in (cfg.get("tags") or [])] + _auto_tags(run_config or {})
+                + [o for o in (ident["overrides"] or []) if not o.startswith(("run_dir=", "data.root="))][:20])
         kwargs = dict(project=cfg.get("project") or "megaseek", entity=cfg.get("entity") or None,
-                      name=cfg.get("name") or Path(run_dir).name, group=cfg.get("group") or None,
+                      name=ident["name"], group=ident["group"],
                       tags=[t[:64] for t in tags], config=config, id=self.run_id, resume="allow",
                       dir=str(run_dir), settings=wandb.Settings(
                           console="off", x_disable_stats=not bool(cfg.get("system_stats", False))))
