@@ -99,7 +99,7 @@ class MetricsHub:
                  start_step: int = 0, run_config: Optional[dict] = None):
         log_cfg = log_cfg if log_cfg is not None else {}
         self.rank, self.world_size, self.run_dir = rank, world_size, Path(run_dir)
-        self.last_step, self.t0, self.hub_s = start_step, time.time(), 0.0
+        self.last_step, self.hub_s = start_step, 0.0
         rc = run_config or {}
         self.seq_len = _get(rc, "train.seq_len")
         self.local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -171,7 +171,7 @@ class MetricsHub:
         self._derive(rec)
         mine = {"time_monitor_s": self.hub_s / n_steps}
         if self.comm is not None:
-            secs, calls = self.comm.take()
+            secs, _ = self.comm.take()
             mine["time_comm_s"] = secs / n_steps
         if self.system is not None:
             mine.update(self.system.sample())
