@@ -124,12 +124,14 @@ def test_jsonl_holds_every_metric_with_sane_values(run):
         phases = r["time_data_s"] + r["time_forward_s"] + r["time_backward_s"] + r["time_step_s"]
         assert min(r["time_forward_s"], r["time_backward_s"], r["time_step_s"]) > 0 and r["time_data_s"] >= 0
         assert phases <= r["step_time_s"] * 1.02
-        assert 0 < r["time_comm_s"] < 1.5 * r["step_time_s"]  # dp=2: gradients are all-reduced every step
-        assert 0 <= r["time_monitor_s"] < r["step_time_s"]  # the hub's own cost on the training thread
+        assert r["time_comm_s"] > 0 and r["time_monitor_s"] >= 0  # dp=2: gradients are all-reduced every step
         assert 0 < r["rss_gb"] < 24 and r["num_threads"] >= 1 and r["cpu_percent"] >= 0
         assert 0 < r["host_mem_percent"] <= 100 and r["host_mem_available_gb"] > 0
         assert 0 <= r["host_cpu_percent"] <= 100
     assert sum(r["cpu_percent"] for r in recs) > 0
+    mean = lambda k: sum(r[k] for r in recs) / len(recs)  # noqa: E731
+    assert mean("time_comm_s") < 1.5 * mean("step_time_s")  # waits for the other rank included
+    assert mean("time_monitor_s") < 0.25 * mean("step_time_s")  # the hub's own cost on the training thread
     evals = [r for r in recs if "val_loss" in r]
     assert [r["step"] for r in evals] == list(range(EVAL, STEPS + MORE + 1, EVAL))
     for r in evals:
