@@ -30,7 +30,7 @@ Activations per layer and micro-batch (bytes), read off the saved tensors of meg
     SwiGLU         4 a T i / t          gate, silu(gate), up, product
     selective      a T h (block input) + norm + SwiGLU; the attention is recomputed
     full           a T h per layer (+ one layer recomputed during backward)
-  LM head and loss (last stage): final norm + logits workspace (12 + a) T V_pad / t.
+  LM head and loss (last stage): final norm + logits workspace (12 + a) T V_pad / t (see head_activation_bytes).
   With 1F1B pipelining stage k holds min(pp - k, m) micro-batches.
 """
 from __future__ import annotations
@@ -137,23 +137,32 @@ def layer_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a:
             "attn_sublayer": norm + attn}
 
 
-def head_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a: int) -> dict:
-    """Final norm and loss of the last stage: the saved log-softmax (fp32), and the workspace at its peak
-    (logits, their fp32 copy, shifted/exp/softmax or the loss gradient: (12 + a) bytes per logit)."""
+def head_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a: int, cpu: bool = False) -> dict:
+    """Final norm and loss of the last stage: the saved fp32 log-softmax / softmax, and the workspace at the
+    loss's peak, in bytes per local logit:
+      tp > 1 (vocab-parallel CE): logits (a) + shifted, exp and softmax in fp32 (12)        = 12 + a
+      tp = 1 (F.cross_entropy):   backward holds the log-softmax, the NLL gradient and the log-softmax
+                                  gradient (12); on CPU the NLL gradient is a zero-filled allocation
+                                  whose pages are never written (calloc), so forward's logits + fp32
+                                  copy + log-softmax (8 + a, or 8 for fp32) set the peak."""
     T, h = b * s, m.hidden_size
     norm = layer_activation_bytes(m, b, s, tp, sp, a)["norm"]
     v_local = padded_vocab(m, tp) // tp
-    return {"norm": norm, "logits_saved": 4 * T * v_local, "logits": (12 + a) * T * v_local}
+    if tp > 1:
+        per_logit = 12 + a
+    else:
+        per_logit = (8 + (a if a < 4 else 0)) if cpu else 12
+    return {"norm": norm, "logits_saved": 4 * T * v_local, "logits": per_logit * T * v_local}
 
 
-def activation_bytes(st: Setup, stage: StageParams) -> dict:
+def activation_bytes(st: Setup, stage: StageParams, cpu: bool = False) -> dict:
     """Peak activation memory of one pipeline stage during backward, with its parts."""
     m, a = st.model, st.bytes_per_value
     per = layer_activation_bytes(m, st.micro_batch, st.seq_len, st.tp, st.sp, a)
     in_flight = min(st.pp - stage.stage, st.grad_accum) if st.pp > 1 else 1
     kept = per[st.checkpointing] * stage.layers * in_flight
     recompute = {"none": 0, "selective": per["attn_sublayer"], "full": per["none"]}[st.checkpointing]
-    head = head_activation_bytes(m, st.micro_batch, st.seq_len, st.tp, st.sp, a) if stage.head else \
+    head = head_activation_bytes(m, st.micro_batch, st.seq_len, st.tp, st.sp, a, cpu) if stage.head else \
         {"norm": 0, "logits": 0, "logits_saved": 0}
     # the loss workspace exists only at the end of the forward / start of the backward; recompute later
     total = kept + max(head["norm"] + head["logits"], recompute)
@@ -173,6 +182,7 @@ class Memory:
     runtime: float
     peak: float
     host: float                       # offloaded states per rank (host memory)
+    checkpoint_host: float            # host memory a rank needs while saving (see _stage_memory)
     capacity: Optional[float]
     stage: int                        # the pipeline stage with the largest peak
     params_on_rank: int
@@ -214,7 +224,7 @@ def _stage_memory(st: Setup, hw: Hardware, sp_: StageParams, runtime: float) -> 
     ms = model_states(N, D, w, z, st.offload_optimizer, st.offload_param)
     params, grads, opt, host = ms["parameters"], ms["gradients"], ms["optimizer"], ms["host"]
 
-    act = activation_bytes(st, sp_)
+    act = activation_bytes(st, sp_, cpu=touched)
     # backward: gradient reduce bucket (stages 1-3), ZeRO-3 gather working set (prefetch bucket)
     bwd_buf = 0.0
     if z >= 1:
@@ -234,6 +244,10 @@ def _stage_memory(st: Setup, hw: Hardware, sp_: StageParams, runtime: float) -> 
         step_ws = max(flat, 8 * N / D) - grads                # then fp32 grad + AdamW foreach temporary
         if z == 3:
             step_ws += bucket(st.reduce_bucket_size)          # ZeRO-3 keeps its reduce bucket allocated
+    # megaseek.ckpt (state.iter_full_state) gathers the full fp32 weights and both Adam moments of the
+    # pipeline stage, unsharded over tensor and data ranks, on every rank of the stage: 12 bytes per parameter
+    full_stage = stage_params(st.model, 1, st.pp, st.partition)[sp_.stage].params
+    checkpoint_host = 12.0 * full_stage
     states = params + grads + opt
     phases = {"backward": act["total"] + bwd_buf, "boundary": boundary, "step": step_ws}
     phase = max(phases, key=phases.get)
@@ -241,7 +255,7 @@ def _stage_memory(st: Setup, hw: Hardware, sp_: StageParams, runtime: float) -> 
     buffers = peak - runtime - states - act["total"]
     return Memory(parameters=params, gradients=grads, optimizer=opt, activations=act["total"],
                   buffers=max(0.0, buffers), runtime=runtime, peak=max(peak, runtime + states + act["total"]),
-                  host=host, capacity=hw.capacity_bytes, stage=sp_.stage, params_on_rank=N, phase=phase,
+                  host=host, checkpoint_host=checkpoint_host, capacity=hw.capacity_bytes, stage=sp_.stage, params_on_rank=N, phase=phase,
                   detail={"activation": act, "phases": phases, "backward_buffers": bwd_buf})
 
 

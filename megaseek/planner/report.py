@@ -42,13 +42,18 @@ def describe(plan: Plan, title: str = "plan") -> str:
     ]
     if mem.host:
         lines.append(f"     host (offloaded) {gb(mem.host)} per rank")
+    per_node = mem.checkpoint_host * max(1, hw.gpus_per_node)
+    warn = hw.host_memory_gb is not None and per_node > hw.host_memory_gb * 1e9
+    lines.append(f"   checkpoint save: {mem.checkpoint_host / 1e9:.1f} GB of host memory per rank (full fp32 weights + "
+                 f"Adam moments of the stage), {per_node / 1e9:.0f} GB per node"
+                 + (f"  WARNING: more than the node's {hw.host_memory_gb:.0f} GB" if warn else ""))
     lines.append(f"   communication per step per GPU: tensor {_num(comm.tp_bytes)}B, data {_num(comm.dp_bytes)}B, "
                  f"pipeline {_num(comm.pp_bytes)}B")
     if t is not None:
         lines.append(f"   pipeline bubble {t.bubble * 100:.1f}%   step {t.step_s:.3f} s (compute {t.compute_s:.3f}, "
                      f"exposed comm {t.comm_exposed_s:.3f}, optimizer {t.optimizer_s:.3f})")
-        lines.append(f"   {_num(t.tokens_per_s)} tokens/s   MFU {t.mfu * 100:.1f}%   (peak {t.peak_flops / 1e12:.1f} "
-                     f"TFLOP/s per GPU x efficiency {hw.compute_efficiency})")
+        lines.append(f"   {_num(t.tokens_per_s)} tokens/s   MFU {t.mfu * 100:.1f}%   (peak {_num(t.peak_flops)}FLOP/s "
+                     f"per {'GPU' if hw.is_gpu else 'rank'} x efficiency {hw.compute_efficiency})")
     else:
         lines.append(f"   pipeline bubble {(st.pp - 1) / (st.grad_accum + st.pp - 1) * 100:.1f}%   "
                      f"step time: no peak FLOP/s known for this machine")
