@@ -193,13 +193,13 @@ def _write_tokenizer(ckpt: Path, out: Path, max_len: int) -> tuple[Optional[int]
 def export_hf(ckpt_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write a LlamaForCausalLM directory (config.json, model.safetensors, tokenizer) for a checkpoint or run.
     Everything is written into a temporary sibling and renamed into place, so a failure leaves `out` untouched."""
-    from safetensors.torch import save_file
     ckpt = resolve_checkpoint(ckpt_dir)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"{out}: output exists and is not an empty directory (pass overwrite=true)")
     cfg = model_config(ckpt)
     w = checked_weights(ckpt, cfg)
+    from safetensors.torch import save_file
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -223,6 +223,8 @@ def text_ids(ckpt: Path, text: str) -> list[int]:
     follows an EOS, so the first token of the text is predicted too."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    if tok.token_to_id(EOS_TOKEN) is None:
+        raise CheckpointError(f"{ckpt}: tokenizer.json has no {EOS_TOKEN} token")
     return [tok.token_to_id(EOS_TOKEN)] + tok.encode(text, add_special_tokens=False).ids
 
 
@@ -250,11 +252,13 @@ def windowed_loss(model, ids: list[int], seq_len: int, batch: int = 4) -> tuple[
 
 
 def evaluate_text(ckpt_dir: str | Path, text: str, seq_len: Optional[int] = None) -> dict:
+    """{checkpoint, tokens, loss, perplexity} of `text` (see windowed_loss; seq_len defaults to max_seq_len)."""
     ckpt = resolve_checkpoint(ckpt_dir)
-    model, cfg = model_at(ckpt)
+    cfg = model_config(ckpt)
     L = int(seq_len or cfg.max_seq_len)
     if not 1 <= L <= cfg.max_seq_len:
         raise ValueError(f"seq_len={L} must be in [1, model.max_seq_len={cfg.max_seq_len}]")
+    model, _ = model_at(ckpt)
     loss, n = windowed_loss(model, text_ids(ckpt, text), L)
     return {"checkpoint": str(ckpt), "tokens": n, "loss": loss, "perplexity": math.exp(loss)}
 
