@@ -95,8 +95,6 @@ RUNS = {  # name: (world, overrides)
     "base-w2": (2, SMALL_MODEL + ["zero.stage=1", "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=4"]),
     "tiny z0, mb 8 x seq 256": (1, ["model=tiny", "zero.stage=0", "train.seq_len=256", "train.micro_batch_size=8",
                                     "train.global_batch_size=8"]),
-    "small z0": (1, ["model=small", "zero.stage=0", "train.seq_len=32", "train.micro_batch_size=2",
-                     "train.global_batch_size=2"]),
     "small dp2 z1": (2, ["model=small", "zero.stage=1", "train.seq_len=32", "train.micro_batch_size=2",
                          "train.global_batch_size=4"]),
     "small dp2 z3": (2, ["model=small", "zero.stage=3", "train.seq_len=32", "train.micro_batch_size=2",
