@@ -53,15 +53,19 @@ def test_stop_and_resume_equals_uninterrupted_bitwise(data_root, tmp_path):
 
 @pytest.mark.slow
 def test_resume_at_another_layout_continues_the_losses(data_root, tmp_path):
-    """Written at (tp=2, dp=2, ZeRO-3), resumed at (tp=1, dp=1, ZeRO-1): steps 5..8 continue as an
-    uninterrupted single-process run within 1e-4."""
-    ref, moved = str(tmp_path / "ref"), str(tmp_path / "moved")
-    run_world(4, _train, [(moved, CK + ["train.steps=4", "parallel.tp=2", "zero.stage=3"])], str(data_root))
+    """Written at (tp=2, dp=2, ZeRO-3) and at (tp=2, pp=2, ZeRO-1), resumed at (tp=1, pp=1, dp=1, ZeRO-1):
+    steps 5..8 continue as an uninterrupted single-process run within 1e-4."""
+    ref, moved, piped = str(tmp_path / "ref"), str(tmp_path / "moved"), str(tmp_path / "piped")
+    run_world(4, _train, [(moved, CK + ["train.steps=4", "parallel.tp=2", "zero.stage=3"]),
+                          (piped, CK + ["train.steps=4", "parallel.tp=2", "parallel.pp=2"])], str(data_root))
     res = run_world(1, _train, [(ref, CK + ["train.steps=8", "zero.stage=0"]),
-                                (moved, CK + ["train.steps=8", "zero.stage=1"])], str(data_root))[0]
-    want, got = _losses(res[ref]), _losses(_metrics(moved))
-    assert len(got) == 8
-    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, (got, want)
+                                (moved, CK + ["train.steps=8", "zero.stage=1"]),
+                                (piped, CK + ["train.steps=8", "zero.stage=1"])], str(data_root))[0]
+    want = _losses(res[ref])
+    for d in (moved, piped):
+        got = _losses(_metrics(d))
+        assert len(got) == 8
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, (d, got, want)
     man = C.read_manifest(Path(moved) / "checkpoints" / "global_step8")
     assert man["layout"] == {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}
 

@@ -112,7 +112,8 @@ class CheckpointManager:
             raise ValueError(f"checkpoint {path} holds another model: (checkpoint, config) differ in {diff}")
         wanted = {}
         from megaseek.ckpt.state import canonical_name
-        local = {canonical_name(n) for n, _ in self.engine.module.named_parameters()}
+        first = getattr(self.engine.module, "first_layer", 0)
+        local = {canonical_name(n, first) for n, _ in self.engine.module.named_parameters()}
         by_file: dict[str, list[str]] = {}
         for n in local:
             if n not in man["tensors"]:

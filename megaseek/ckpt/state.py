@@ -18,8 +18,12 @@ import torch.distributed as dist
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
-def canonical_name(name: str) -> str:
-    """The parameter's name at tp = 1: a replicated kv projection (`k_proj.weight`) is `k_proj.proj.weight`."""
+def canonical_name(name: str, first_layer: int = 0) -> str:
+    """The parameter's name at tp = 1, pp = 1: the global layer index (a pipeline stage's `layers.0` is layer
+    `first_layer`), and a replicated kv projection (`k_proj.weight`) is `k_proj.proj.weight`."""
+    if first_layer and name.startswith("layers."):
+        i, rest = name[len("layers."):].split(".", 1)
+        name = f"layers.{int(i) + first_layer}.{rest}"
     for kv in ("k_proj", "v_proj"):
         if name.endswith(f"attn.{kv}.weight"):
             return name[: -len("weight")] + "proj.weight"
@@ -153,7 +157,7 @@ def iter_full_state(engine, model, groups, vocab_size: int, skip=()) -> Iterator
             if name.endswith("embed.weight") or name.endswith("lm_head.weight"):
                 t = t[:vocab_size]  # strip vocabulary padding
             full[key] = t.contiguous()
-        yield canonical_name(name), full
+        yield canonical_name(name, getattr(model, "first_layer", 0)), full
 
 
 def shard_for(full: torch.Tensor, p, tp, local_shape) -> torch.Tensor:
@@ -189,7 +193,7 @@ def load_full_state(engine, model, groups, tensors: dict[str, dict], load_optimi
     relink_hp_optimizer_state(engine)
     missing = []
     for name, p in model.named_parameters():
-        cname = canonical_name(name)
+        cname = canonical_name(name, getattr(model, "first_layer", 0))
         entry = tensors.get(cname)
         if entry is None:
             missing.append(cname)
