@@ -247,3 +247,23 @@ def test_wandb_name_group_and_tags_come_from_hydra():
     finally:
         hc.cfg = None
     assert not HydraConfig.initialized()
+
+
+def test_a_rollback_keeps_every_sink_consistent(tmp_path, wandb_env):
+    """The trainer may roll back a few steps after non-finite steps: steps 2-3 are logged again."""
+    from megaseek.monitor.metrics import read_metrics
+    cfg, rc = _config(0, ["logging.wandb.mode=offline"])
+    hub = MetricsHub(cfg.logging, tmp_path, 0, 1, 10, 0, rc)
+    for step, loss in ((1, 5.0), (2, 5.0), (3, 5.0), (2, 11.0), (3, 12.0), (4, 5.0)):
+        hub.log({**_record(step), "loss": loss})
+        hub.progress(step, None)
+    with pytest.warns(UserWarning, match="rollback"):
+        hub.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 2, 3, 4]
+    last = read_metrics(tmp_path / "metrics.jsonl", dedupe=True)  # what the plot draws: the latest values
+    assert [(r["step"], r["loss"]) for r in last] == [(1, 5.0), (2, 11.0), (3, 12.0), (4, 5.0)]
+    tb = tensorboard_scalars(tmp_path / "tensorboard")["train/loss"]  # TensorBoard drops the rolled-back events
+    assert tb == [(1, 5.0), (2, 11.0), (3, 12.0), (4, 5.0)]
+    (run,) = wandb_run(tmp_path)  # wandb keeps its first values and goes on from the next new step
+    assert [(h["_step"], h["train/loss"]) for h in run["history"] if "train/loss" in h] == [
+        (1, 5.0), (2, 5.0), (3, 5.0), (4, 5.0)]

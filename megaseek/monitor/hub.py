@@ -99,7 +99,7 @@ class MetricsHub:
                  start_step: int = 0, run_config: Optional[dict] = None):
         log_cfg = log_cfg if log_cfg is not None else {}
         self.rank, self.world_size, self.run_dir = rank, world_size, Path(run_dir)
-        self.last_step, self.hub_s = start_step, 0.0
+        self.last_step, self.hub_s, self.since_log = start_step, 0.0, 0
         rc = run_config or {}
         self.seq_len = _get(rc, "train.seq_len")
         self.local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -166,8 +166,9 @@ class MetricsHub:
         t_in = time.perf_counter()
         rec = dict(record)
         step = int(rec.get("step", self.last_step))
-        n_steps = max(1, step - self.last_step)
-        self.last_step = step
+        # steps in this interval; after a rollback (step went back) count the progress() calls instead
+        n_steps = step - self.last_step if step > self.last_step else max(1, self.since_log + 1)
+        self.last_step, self.since_log = step, -1  # progress() of this step comes next
         self._derive(rec)
         mine = {"time_monitor_s": self.hub_s / n_steps}
         if self.comm is not None:
@@ -201,6 +202,7 @@ class MetricsHub:
 
     def progress(self, step: int, record: Optional[dict]) -> None:
         t_in = time.perf_counter()
+        self.since_log += 1
         if self.bar:
             self.bar.update(step, record)
         if self.prom is not None:

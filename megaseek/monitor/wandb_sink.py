@@ -93,6 +93,7 @@ class WandbSink:
                       tags=[t[:64] for t in tags], config=config, id=self.run_id, resume="allow",
                       dir=str(run_dir), settings=wandb.Settings(
                           console="off", x_disable_stats=not bool(cfg.get("system_stats", False))))
+        self.last_step, self.warned = -1, False
         try:
             self.run = wandb.init(mode=self.mode, **kwargs)
         except Exception as e:
@@ -103,8 +104,16 @@ class WandbSink:
             self.run = wandb.init(mode="offline", **kwargs)
 
     def write(self, record: dict) -> None:
+        step = int(record["step"])
+        if step <= self.last_step:  # a rollback (trainer fault recovery): wandb cannot rewrite its history
+            if not self.warned:
+                warnings.warn(f"[monitor] wandb: step {step} after {self.last_step} (a rollback); steps up to "
+                              f"{self.last_step} keep their first values in wandb (metrics.jsonl has both)")
+                self.warned = True
+            return
+        self.last_step = step
         data = {tag(k): x for k, x in ((k, numeric(v)) for k, v in record.items()) if x is not None and k not in NOT_SCALARS}
-        self.run.log(data, step=int(record["step"]))
+        self.run.log(data, step=step)
 
     def close(self) -> None:
         self.run.finish()
