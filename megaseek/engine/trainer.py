@@ -340,54 +340,57 @@ class Trainer:
         t_start = t_log = time.perf_counter()
         acc: dict[str, float] = {}
         n_in_interval, last, ckpt_path, stopped_by = 0, None, None, None
-        step = start
-        while step < steps:
-            self._step, self._batch = step, int(self.loader.state_dict()["next_batch"])
-            skipped_before = int(getattr(self.engine, "skipped_steps", 0))
-            out = self.train_step()
-            skipped = int(getattr(self.engine, "skipped_steps", 0)) > skipped_before
-            streak = streak + 1 if skipped else 0
-            if skipped:
-                log0(f"[train] step {step + 1} skipped on every rank: non-finite loss or gradients "
-                     f"(grad_norm={out['grad_norm']}), {streak} in a row")
-                back = self._on_bad_step(step + 1, streak)
-                if back is not None:
-                    step, streak, acc, n_in_interval, t_log = back, 0, {}, 0, time.perf_counter()
-                    continue
-            for k, v in out.items():
-                if k != "grad_norm":
-                    acc[k] = acc.get(k, 0.0) + v
-            n_in_interval += 1
-            done = step = step + 1
-            rec = None
-            if done % log_every == 0 or done == steps:
-                dt = time.perf_counter() - t_log
-                tps = tokens_per_step * n_in_interval / dt
-                rec = {"step": done, "loss": self._dp_mean(acc.pop("loss") / n_in_interval),
-                       "lr": float(self.scheduler.get_last_lr()[0]), "grad_norm": out["grad_norm"],
-                       "tokens_per_s": tps, "tokens_per_s_per_rank": tps / lay.world_size,
-                       "samples": done * lay.global_batch, "mfu": self.flops["model"] * tps / self.peak,
-                       "hfu": self.flops["hardware"] * tps / self.peak,
-                       "model_tflops": self.flops["model"] * tps / 1e12, "step_time_s": dt / n_in_interval,
-                       "skipped_steps": int(getattr(self.engine, "skipped_steps", 0))}
-                rec.update({k: v / n_in_interval for k, v in acc.items()})
-                scale = getattr(self.engine.optimizer, "cur_scale", None)
-                if str(cfg.precision.name) == "fp16" and scale is not None:
-                    rec["loss_scale"] = float(scale)
-                if eval_every and (done % eval_every == 0 or done == steps):
-                    rec.update(self.evaluate() or {})
-                last = hub.log(rec)
-                acc, n_in_interval, t_log = {}, 0, time.perf_counter()
-            hub.progress(done, rec)
-            if self._any_rank_signalled():
-                stopped_by = self._signal or "a signal on another rank"
-                ckpt_path = self.save(done)
-                log0(f"[ckpt] {stopped_by}: saved {ckpt_path.name} at step {done}; exiting cleanly")
-                break
-            if done % save_every == 0 or done == steps:
-                ckpt_path = self.save(done)
+        try:
+            step = start
+            while step < steps:
+                self._step, self._batch = step, int(self.loader.state_dict()["next_batch"])
+                skipped_before = int(getattr(self.engine, "skipped_steps", 0))
+                out = self.train_step()
+                skipped = int(getattr(self.engine, "skipped_steps", 0)) > skipped_before
+                streak = streak + 1 if skipped else 0
+                if skipped:
+                    log0(f"[train] step {step + 1} skipped on every rank: non-finite loss or gradients "
+                         f"(grad_norm={out['grad_norm']}), {streak} in a row")
+                    back = self._on_bad_step(step + 1, streak)
+                    if back is not None:
+                        step, streak, acc, n_in_interval, t_log = back, 0, {}, 0, time.perf_counter()
+                        continue
+                for k, v in out.items():
+                    if k != "grad_norm":
+                        acc[k] = acc.get(k, 0.0) + v
+                n_in_interval += 1
+                done = step = step + 1
+                rec = None
+                if done % log_every == 0 or done == steps:
+                    dt = time.perf_counter() - t_log
+                    tps = tokens_per_step * n_in_interval / dt
+                    rec = {"step": done, "loss": self._dp_mean(acc.pop("loss") / n_in_interval),
+                           "lr": float(self.scheduler.get_last_lr()[0]), "grad_norm": out["grad_norm"],
+                           "tokens_per_s": tps, "tokens_per_s_per_rank": tps / lay.world_size,
+                           "samples": done * lay.global_batch, "mfu": self.flops["model"] * tps / self.peak,
+                           "hfu": self.flops["hardware"] * tps / self.peak,
+                           "model_tflops": self.flops["model"] * tps / 1e12, "step_time_s": dt / n_in_interval,
+                           "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
+                           "peak_tflops": self.peak / 1e12, "peak_source": self.peak_src}
+                    rec.update({k: v / n_in_interval for k, v in acc.items()})
+                    scale = getattr(self.engine.optimizer, "cur_scale", None)
+                    if str(cfg.precision.name) == "fp16" and scale is not None:
+                        rec["loss_scale"] = float(scale)
+                    if eval_every and (done % eval_every == 0 or done == steps):
+                        rec.update(self.evaluate() or {})
+                    last = hub.log(rec)
+                    acc, n_in_interval, t_log = {}, 0, time.perf_counter()
+                hub.progress(done, rec)
+                if self._any_rank_signalled():
+                    stopped_by = self._signal or "a signal on another rank"
+                    ckpt_path = self.save(done)
+                    log0(f"[ckpt] {stopped_by}: saved {ckpt_path.name} at step {done}; exiting cleanly")
+                    break
+                if done % save_every == 0 or done == steps:
+                    ckpt_path = self.save(done)
+        finally:
+            hub.close()  # frees the metrics port and ends the wandb run, also on a crash
         wall = time.perf_counter() - t_start
-        hub.close()
         if ckpt_path is None and ckpt.latest_tag(self.run_dir):
             ckpt_path = ckpt.checkpoint_dir(self.run_dir) / ckpt.latest_tag(self.run_dir)
         return {"steps": step, "steps_this_run": step - start, "tokens": step * tokens_per_step,
