@@ -22,7 +22,7 @@ from megaseek.dist.spawn import run_world  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _stage(rank, world, m, steps):
+def _stage(rank, world, m, steps, hidden, seq, mb):
     import torch
     from hydra import compose, initialize_config_dir
 
@@ -38,9 +38,10 @@ def _stage(rank, world, m, steps):
     from megaseek.pipeline.schedule import run_1f1b
 
     layers = 2 * world
-    over = [f"parallel.pp={world}", "zero.stage=0", "train.micro_batch_size=2", f"train.global_batch_size={2 * m}",
-            "train.seq_len=128", "model.vocab_size=512", "model.hidden_size=256", f"model.num_layers={layers}",
-            "model.num_heads=8", "model.num_kv_heads=8", "model.intermediate_size=768", "model.max_seq_len=128"]
+    over = [f"parallel.pp={world}", "zero.stage=0", f"train.micro_batch_size={mb}", f"train.global_batch_size={mb * m}",
+            f"train.seq_len={seq}", "model.vocab_size=512", f"model.hidden_size={hidden}", f"model.num_layers={layers}",
+            "model.num_heads=8", "model.num_kv_heads=8", f"model.intermediate_size={3 * hidden}",
+            f"model.max_seq_len={seq}"]
     with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=over)
     lay = validate(cfg, world, has_cuda=False)
@@ -52,9 +53,9 @@ def _stage(rank, world, m, steps):
     model = Decoder(mcfg, seed=1, first_layer=lo, last_layer=hi, pre=s == 0, post=s == world - 1)
     engine, *_ = build_engine(model, cfg, lay, g)
     engine.enable_backward_allreduce = False
-    comm = StageComm(g.pp.ranks, s, (2, 128, 256), torch.float32, torch.device("cpu"))
+    comm = StageComm(g.pp.ranks, s, (mb, seq, hidden), torch.float32, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, 512, (2, 128), generator=gen), torch.randint(0, 512, (2, 128), generator=gen))
+    batches = [(torch.randint(0, 512, (mb, seq), generator=gen), torch.randint(0, 512, (mb, seq), generator=gen))
                for _ in range(m)]
     idle = []
     for i in range(steps + 1):
@@ -69,13 +70,17 @@ def main():
     ap.add_argument("--pp", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--micro", type=int, nargs="+", default=[2, 4, 8, 16])
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--mb", type=int, default=4, help="micro-batch size")
     a = ap.parse_args()
     cores = os.cpu_count()
-    print(f"{cores} cores; one thread per stage; idle fraction per stage (median of {a.steps} steps)")
+    print(f"{cores} cores; one thread per stage; hidden {a.hidden}, seq {a.seq}, micro-batch {a.mb}, 2 layers per "
+          f"stage; idle fraction per stage (median of {a.steps} steps)")
     print(f"{'p':>2} {'m':>3}  {'theory':>7}  {'mean':>7}  {'ratio':>6}  per stage")
     for p in a.pp:
         for m in a.micro:
-            idle = run_world(p, _stage, m, a.steps)
+            idle = run_world(p, _stage, m, a.steps, a.hidden, a.seq, a.mb)
             th = (p - 1) / (m + p - 1)
             mean = sum(idle) / len(idle)
             note = "  (oversubscribed)" if p > cores else ""
