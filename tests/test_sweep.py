@@ -1,7 +1,7 @@
-"""Hydra sweeps: a local `-m` multirun of two learning rates completes both runs (the basic launcher, and
-the submitit launcher's local executor, the code path of the Slurm one); the Slurm sweep script's
-overrides compose into a valid submitit_slurm launcher whose per-task environment resolves to the rank
-variables megaseek reads."""
+"""Hydra sweeps: a local `-m` multirun of two learning rates completes both runs; the same sweep through
+launch/slurm/sweep.sh and Hydra's submitit Slurm launcher completes on a fake Slurm (sbatch/srun/sacct
+stand-ins that run the submitted jobs locally); the sweep script's overrides compose into a valid
+submitit_slurm launcher whose per-task environment resolves to the rank variables megaseek reads."""
 import json
 import os
 import shlex
@@ -43,13 +43,77 @@ def test_local_multirun_of_two_learning_rates(data_root, tmp_path):
     _check_two_runs(tmp_path / "sweep")
 
 
+# A fake Slurm for submitit: sbatch runs the array tasks of the submission file (once submitit has put each
+# task's pickle in place, as a queue would), srun starts SLURM_NTASKS_PER_NODE tasks with their
+# SLURM_PROCID / SLURM_LOCALID and honours --output/--error; sacct knows nothing (submitit then polls files).
+FAKE_SBATCH = r"""#!/bin/bash
+file="${*: -1}"
+jid=$(( (RANDOM % 9000) + 1000 ))
+arr=$(sed -n 's/^#SBATCH --array=\([0-9]*-[0-9]*\).*/\1/p' "$file")
+ntpn=$(sed -n 's/^#SBATCH --ntasks-per-node=\([0-9]*\).*/\1/p' "$file")
+nodes=$(sed -n 's/^#SBATCH --nodes=\([0-9]*\).*/\1/p' "$file")
+lo=${arr%-*}; hi=${arr#*-}
+cp "$file" "$FAKE_DIR/last_submission.sh"
+(
+  for ((i = lo; i <= hi; i++)); do
+    o=$(sed -n 's/^#SBATCH --output=//p' "$file"); o=${o//%A/$jid}; o=${o//%a/$i}
+    for _ in $(seq 600); do [ -e "$(dirname "$o")/${jid}_${i}_submitted.pkl" ] && break; sleep 0.1; done
+    SLURM_ARRAY_JOB_ID=$jid SLURM_ARRAY_TASK_ID=$i SLURM_JOB_ID=$((jid + 1 + i)) SLURM_JOB_NUM_NODES=${nodes:-1} \
+    SLURM_NNODES=${nodes:-1} SLURM_JOB_NODELIST=localhost SLURM_NTASKS_PER_NODE=${ntpn:-1} \
+    SLURM_NTASKS=$(( ${nodes:-1} * ${ntpn:-1} )) bash "$file"
+  done
+) </dev/null >/dev/null 2>&1 &
+echo "Submitted batch job $jid"
+"""
+FAKE_SRUN = r"""#!/bin/bash
+out=/dev/null; err=
+while [[ "$1" == --* ]]; do
+  case "$1" in
+    --output) out=$2; shift 2;;
+    --error) err=$2; shift 2;;
+    *) shift;;
+  esac
+done
+sub() { local p=$1; p=${p//%A/$SLURM_ARRAY_JOB_ID}; p=${p//%a/$SLURM_ARRAY_TASK_ID}; p=${p//%j/$SLURM_JOB_ID}; echo "${p//%t/$2}"; }
+pids=()
+for ((t = 0; t < ${SLURM_NTASKS_PER_NODE:-1}; t++)); do
+  SLURM_PROCID=$t SLURM_LOCALID=$t SLURM_NODEID=0 SLURM_LAUNCH_NODE_IPADDR=127.0.0.1 "$@" \
+    >> "$(sub "$out" $t)" 2>> "$(sub "${err:-$out}" $t)" &
+  pids+=($!)
+done
+rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc
+"""
+
+
 @pytest.mark.slow
-def test_multirun_through_the_submitit_launcher_local_executor(data_root, tmp_path):
-    r = _multirun(data_root, tmp_path / "sweep", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                  "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1")
+def test_sweep_through_the_submitit_slurm_launcher_on_a_fake_slurm(data_root, tmp_path):
+    """launch/slurm/sweep.sh as a user runs it: Hydra's submitit_slurm launcher writes and submits an array
+    job; each sweep point is a 2-task job whose tasks become ranks 0 and 1 of one world through the
+    hydra.job.env_set mapping of Slurm's variables."""
+    from megaseek.dist.spawn import free_port
+    fake = tmp_path / "slurm-bin"
+    fake.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("srun", FAKE_SRUN), ("sacct", "#!/bin/bash\necho 'JobID|State|NodeList'\n"),
+                       ("scancel", "#!/bin/bash\nexit 0\n")):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
+    env.update(PATH=f"{fake}:{env['PATH']}", FAKE_DIR=str(fake), NODES="1", GPUS_PER_NODE="2", CPUS_PER_TASK="1",
+               TIME_MIN="10", MEGASEEK_PYTHON=sys.executable)
+    sweep = tmp_path / "sweep"
+    r = subprocess.run(["bash", "launch/slurm/sweep.sh", "optimizer.lr=1e-3,2e-3", *RUN, f"data.root={data_root}",
+                        f"hydra.sweep.dir={sweep}", f"++hydra.job.env_set.MASTER_PORT={free_port()}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    _check_two_runs(tmp_path / "sweep")
-    assert list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))  # jobs ran through submitit
+    _check_two_runs(sweep)
+    for num in (0, 1):
+        rec = json.loads((sweep / str(num) / "metrics.jsonl").read_text().splitlines()[-1])
+        assert rec["tokens_per_s"] == pytest.approx(2 * rec["tokens_per_s_per_rank"])   # a world of 2 ranks
+    sbatch = (fake / "last_submission.sh").read_text()
+    for line in ("#SBATCH --array=0-1%2", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=2",
+                 "#SBATCH --gpus-per-node=2", "#SBATCH --signal=USR2@300"):
+        assert line in sbatch
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 4      # 2 jobs x 2 tasks
 
 
 def test_slurm_sweep_script_composes_a_submitit_slurm_launcher(tmp_path):
