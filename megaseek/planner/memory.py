@@ -145,7 +145,7 @@ def head_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a: 
                                   gradient (12); on CPU the NLL gradient is a zero-filled allocation
                                   whose pages are never written (calloc), so forward's logits + fp32
                                   copy + log-softmax (8 + a, or 8 for fp32) set the peak."""
-    T, h = b * s, m.hidden_size
+    T = b * s
     norm = layer_activation_bytes(m, b, s, tp, sp, a)["norm"]
     v_local = padded_vocab(m, tp) // tp
     if tp > 1:
