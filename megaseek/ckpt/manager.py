@@ -50,12 +50,15 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         _barrier()
         g = self.groups
+        writer = g.dp.rank == 0 and g.tp.rank == 0
         weights, optim, index = {}, {}, {}
         for name, full in iter_full_state(self.engine, self.engine.module, g, self.vocab_size, self.skip):
+            if not writer:  # the gathers are collective; only the stage's writer keeps the tensors
+                continue
             weights[name] = full["fp32"]
             optim[f"exp_avg.{name}"] = full["exp_avg"]
             optim[f"exp_avg_sq.{name}"] = full["exp_avg_sq"]
-        if g.dp.rank == 0 and g.tp.rank == 0:
+        if writer:
             s = g.pp.rank
             save_file(weights, str(tmp / f"weights-stage{s}.safetensors"), metadata={"format": C.FORMAT})
             save_file(optim, str(tmp / f"optim-stage{s}.safetensors"), metadata={"format": C.FORMAT})
