@@ -71,14 +71,8 @@ def write_parquet(path: Path, texts: list, column: str = "text") -> Path:
 
 def data_config(root: Path, sources: dict, **over) -> dict:
     """conf/data/default.yaml with `sources`, a small vocabulary and one worker (fast)."""
-    from megaseek.data.prepare import default_data_config
+    from megaseek.data.prepare import apply_overrides, default_data_config
     d = default_data_config(root=str(root), tokenizer_sample_bytes=200_000, workers=1, valid_fraction=0.0)
     d["tokenizer"]["vocab_size"] = 400
     d["sources"] = sources
-    for k, v in over.items():
-        node, *rest = k.split(".")
-        if rest:
-            d[node][rest[0]] = v
-        else:
-            d[k] = v
-    return d
+    return apply_overrides(d, over)

@@ -19,6 +19,11 @@ def default_data_config(**overrides) -> dict:
     import yaml
     d = yaml.safe_load(DEFAULT_YAML.read_text())
     d["tokenizer"]["vocab_size"] = None
+    return apply_overrides(d, overrides)
+
+
+def apply_overrides(d: dict, overrides: dict) -> dict:
+    """Set `key` or `group.key` entries of a data config dict in place; returns it."""
     for k, v in overrides.items():
         node, *rest = k.split(".")
         if rest:

@@ -63,19 +63,11 @@ def layer_params(m: ModelConfig, tp: int) -> int:
 
 
 def stage_ranges(m: ModelConfig, pp: int, method: str = "parameters") -> list[tuple[int, int]]:
+    """The trainer's own stage partition (megaseek.pipeline.partition), so plan and run agree."""
     if pp == 1:
         return [(0, m.num_layers)]
-    try:
-        from megaseek.pipeline.partition import partition
-        return partition(m, pp, method)
-    except ImportError:  # the pipeline package is optional for planning: fall back to equal layer counts
-        base, extra = divmod(m.num_layers, pp)
-        out, start = [], 0
-        for s in range(pp):
-            n = base + (1 if s < extra else 0)
-            out.append((start, start + n))
-            start += n
-        return out
+    from megaseek.pipeline.partition import partition
+    return partition(m, pp, method)
 
 
 def largest_param(m: ModelConfig, tp: int) -> int:
