@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megaseek.dist.spawn import run_world  # noqa: E402
+from megaseek.distributed.spawn import run_world  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,9 +27,9 @@ def _stage(rank, world, m, steps, hidden, seq, mb):
     from hydra import compose, initialize_config_dir
 
     from megaseek.config.schema import validate
-    from megaseek.dist.env import init_distributed
-    from megaseek.dist.groups import ParallelGroups
-    from megaseek.dist.topology import Topology
+    from megaseek.distributed.env import init_distributed
+    from megaseek.distributed.groups import ParallelGroups
+    from megaseek.distributed.topology import Topology
     from megaseek.engine.build import build_engine
     from megaseek.model.config import ModelConfig
     from megaseek.model.decoder import Decoder

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megaseek.dist.spawn import init_gloo, run_world  # noqa: E402
+from megaseek.distributed.spawn import init_gloo, run_world  # noqa: E402
 from megaseek.model.config import ModelConfig  # noqa: E402
 
 CFG = dict(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=512,
@@ -32,10 +32,10 @@ CFG = dict(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_h
 
 
 def _measure(rank, world, sp, b, s):
-    from megaseek.dist.groups import ParallelGroups
-    from megaseek.dist.mappings import count_comm
-    from megaseek.dist.topology import Topology
-    from megaseek.dist.tp_layers import TPContext
+    from megaseek.distributed.groups import ParallelGroups
+    from megaseek.tensor_parallel.mappings import count_comm
+    from megaseek.distributed.topology import Topology
+    from megaseek.tensor_parallel.layers import TPContext
     from megaseek.model.decoder import Decoder
     init_gloo(rank, world)
     g = ParallelGroups.build(Topology(tp=world))

@@ -4,7 +4,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megaseek.dist.env import strip_local_rank_arg  # noqa: E402
+from megaseek.distributed.env import strip_local_rank_arg  # noqa: E402
 
 sys.argv = strip_local_rank_arg(sys.argv)  # the deepspeed launcher's --local_rank=N must not reach Hydra
 

@@ -20,4 +20,4 @@ def compose(overrides: list[str]):
         return hcompose(config_name="config", overrides=list(overrides))
 
 
-from megaseek.dist.spawn import free_port, init_gloo, run_world  # noqa: E402,F401
+from megaseek.distributed.spawn import free_port, init_gloo, run_world  # noqa: E402,F401

@@ -30,7 +30,7 @@ def _layout_logits(trainer, ids):
     """Logits of the trained model at its own layout (tensor shards gathered; pipeline stages chained by p2p).
     Only the rank holding full logits returns them."""
     import torch.distributed as dist
-    from megaseek.dist.tp_layers import gather_full
+    from megaseek.tensor_parallel.layers import gather_full
     m, g, V = trainer.engine.module, trainer.groups, trainer.mcfg.vocab_size
     m.eval()
     if g.pp.size == 1:
@@ -47,9 +47,9 @@ def _layout_logits(trainer, ids):
 def _train_runs(rank, world, runs, data_root, ids):
     """pretrain() step by step, keeping the Trainer to evaluate `ids` after its last step."""
     from megaseek.config.schema import validate
-    from megaseek.dist.env import init_distributed, select_accelerator
-    from megaseek.dist.groups import ParallelGroups
-    from megaseek.dist.topology import Topology
+    from megaseek.distributed.env import init_distributed, select_accelerator
+    from megaseek.distributed.groups import ParallelGroups
+    from megaseek.distributed.topology import Topology
     from megaseek.engine.trainer import Trainer, resolve_run_dir
     out = {}
     for run_dir, overrides in runs:

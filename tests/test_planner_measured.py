@@ -28,9 +28,9 @@ MiB = 2 ** 20
 def _saved_bytes(rank, world, precision, mode, sp, b, s):
     import torch
 
-    from megaseek.dist.groups import ParallelGroups
-    from megaseek.dist.topology import Topology
-    from megaseek.dist.tp_layers import TPContext
+    from megaseek.distributed.groups import ParallelGroups
+    from megaseek.distributed.topology import Topology
+    from megaseek.tensor_parallel.layers import TPContext
     from megaseek.model.config import ModelConfig
     from megaseek.model.decoder import Decoder
     from tests.helpers import init_gloo

@@ -90,7 +90,7 @@ def test_sweep_through_the_submitit_slurm_launcher_on_a_fake_slurm(data_root, tm
     """launch/slurm/sweep.sh as a user runs it: Hydra's submitit_slurm launcher writes and submits an array
     job; each sweep point is a 2-task job whose tasks become ranks 0 and 1 of one world through the
     hydra.job.env_set mapping of Slurm's variables."""
-    from megaseek.dist.spawn import free_port
+    from megaseek.distributed.spawn import free_port
     fake = tmp_path / "slurm-bin"
     fake.mkdir()
     for name, text in (("sbatch", FAKE_SBATCH), ("srun", FAKE_SRUN), ("sacct", "#!/bin/bash\necho 'JobID|State|NodeList'\n"),

@@ -1,6 +1,6 @@
 import pytest
 
-from megaseek.dist.topology import Topology
+from megaseek.distributed.topology import Topology
 
 
 def test_rank_coord_roundtrip_and_tp_innermost():

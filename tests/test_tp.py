@@ -13,10 +13,10 @@ BASE = dict(vocab_size=1001, hidden_size=64, num_layers=2, num_heads=8, intermed
 def _compare_case(rank, world, case):
     import torch.distributed as dist
 
-    from megaseek.dist.groups import ParallelGroups
-    from megaseek.dist.mappings import gather_from_region
-    from megaseek.dist.topology import Topology
-    from megaseek.dist.tp_layers import TPContext, gather_full
+    from megaseek.distributed.groups import ParallelGroups
+    from megaseek.tensor_parallel.mappings import gather_from_region
+    from megaseek.distributed.topology import Topology
+    from megaseek.tensor_parallel.layers import TPContext, gather_full
     from megaseek.model.config import ModelConfig
     from megaseek.model.decoder import Decoder
 

@@ -8,7 +8,7 @@ import torch
 
 from megaseek.config.deepspeed import deepspeed_config
 from megaseek.config.schema import Layout
-from megaseek.dist.groups import ParallelGroups
+from megaseek.distributed.groups import ParallelGroups
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -20,10 +20,10 @@ import signal
 from megaseek.ckpt import checkpoint as ckpt
 from megaseek.ckpt.manager import CheckpointManager
 from megaseek.config.schema import ConfigError, Layout, validate
-from megaseek.dist.env import DistEnv, init_distributed, log0, select_accelerator, world_size_from_env
-from megaseek.dist.groups import ParallelGroups
-from megaseek.dist.topology import Topology
-from megaseek.dist.tp_layers import RNGTracker, TPContext, counts_in_norm, mark_norm_ownership
+from megaseek.distributed.env import DistEnv, init_distributed, log0, select_accelerator, world_size_from_env
+from megaseek.distributed.groups import ParallelGroups
+from megaseek.distributed.topology import Topology
+from megaseek.tensor_parallel.layers import RNGTracker, TPContext, counts_in_norm, mark_norm_ownership
 from megaseek.model.config import ModelConfig
 from megaseek.model.decoder import Decoder, greedy_generate
 from megaseek.model.flops import flops_per_token, gpu_peak_tflops, measure_matmul_peak, param_counts

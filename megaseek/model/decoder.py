@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from megaseek.dist.tp_layers import (ColumnParallelLinear, RNGTracker, TPContext, VocabParallelEmbedding,
+from megaseek.tensor_parallel.layers import (ColumnParallelLinear, RNGTracker, TPContext, VocabParallelEmbedding,
                                      mask_padded_logits, padded_vocab_size, vocab_parallel_cross_entropy)
 from megaseek.model.config import ModelConfig
 from megaseek.model.layers import Attention, RMSNorm, SwiGLU, rope_tables, scaled_out_std
@@ -137,7 +137,7 @@ class Decoder(nn.Module):
 def greedy_generate(model: Decoder, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy decoding without a cache (fine for samples from small models). All tensor ranks call it in
     lockstep; the arg-max over the vocab-sharded logits is taken across ranks by gathering one column."""
-    from megaseek.dist.mappings import gather_from_region
+    from megaseek.tensor_parallel.mappings import gather_from_region
     was = model.training
     model.eval()
     p = model.ctx.size if model.ctx.sequence_parallel else 1

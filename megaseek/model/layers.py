@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megaseek.dist.tp_layers import ColumnParallelLinear, RNGTracker, RowParallelLinear, TPContext, master_normal
+from megaseek.tensor_parallel.layers import ColumnParallelLinear, RNGTracker, RowParallelLinear, TPContext, master_normal
 from megaseek.model.config import ModelConfig
 
 

@@ -44,7 +44,7 @@ from megaseek.planner.setup import Setup
 
 
 def padded_vocab(m: ModelConfig, tp: int) -> int:
-    """As megaseek.dist.tp_layers.padded_vocab_size: a multiple of tp * pad_vocab_multiple."""
+    """As megaseek.tensor_parallel.layers.padded_vocab_size: a multiple of tp * pad_vocab_multiple."""
     mult = tp * max(1, m.pad_vocab_multiple)
     return ((m.vocab_size + mult - 1) // mult) * mult
 

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-from megaseek.dist.topology import Coord, Topology
+from megaseek.distributed.topology import Coord, Topology
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megaseek.dist import mappings as M
+from megaseek.tensor_parallel import mappings as M
 
 
 @dataclass
