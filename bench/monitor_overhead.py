@@ -110,7 +110,7 @@ def steady(run_dir: Path, warmup_frac: float) -> tuple[float, float]:
 
 def train_once(base: list[str], extra: list[str], run_dir: Path) -> None:
     from tests.helpers import compose
-    from megaseek.engine.trainer import pretrain
+    from megaseek.train.job import pretrain
     pretrain(compose(base + extra + [f"run_dir={run_dir}"]))
 
 

@@ -7,10 +7,8 @@ Writes config.json, model.safetensors (fp32), tokenizer.json + tokenizer_config.
 foreign checkpoint exits with code 2 and one message naming the path; nothing is written to `out`.
 `overwrite=true` replaces a non-empty `out`.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list[str]) -> int:

@@ -4,12 +4,10 @@ Memory per GPU (parameters, gradients, optimizer states, activations, buffers), 
 pipeline bubble, communication per step, step time, tokens/s and MFU for the configured layout and the
 best layouts that fit. Exit status 2 when the configured layout is refused. See megaseek/planner/cli.py.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megaseek.planner.cli import main  # noqa: E402
+from megaseek.planner.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

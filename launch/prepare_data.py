@@ -4,13 +4,11 @@ Builds (or finds up to date) the tiers raw -> cleaned -> tokenized under `data.r
 manifest; `data.verify=true` re-hashes every tier against its manifest, `data.rebuild=[cleaned]`
 rebuilds a tier and the ones after it. Training (`launch/pretrain.py data=NAME`) reads the same tiers.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

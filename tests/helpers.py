@@ -20,4 +20,5 @@ def compose(overrides: list[str]):
         return hcompose(config_name="config", overrides=list(overrides))
 
 
+import megaseek  # noqa: E402,F401  (registers the config schemas)
 from megaseek.distributed.spawn import free_port, init_gloo, run_world  # noqa: E402,F401

@@ -19,13 +19,16 @@ CK = ["train.save_interval=4", "optimizer.decay_steps=8"]
 
 
 def _train_summary(rank, world, runs, data_root):
-    """Like _train, but every rank returns its own summary (skipped steps as each rank saw them)."""
-    from megaseek.engine.trainer import pretrain
+    """Like _train, but every rank returns its own summary (skipped steps as each rank saw them). A run's
+    faults (megaseek/testing/faults.py) travel as an optional third element of its tuple."""
+    from megaseek.train.job import pretrain
     from tests.helpers import compose
     out = {}
-    for run_dir, overrides in runs:
+    for run_dir, overrides, *faults in runs:
+        os.environ["MEGASEEK_FAULTS"] = json.dumps(faults[0]) if faults else ""
         cfg = compose(COMMON + [f"data.root={data_root}", f"run_dir={run_dir}"] + overrides)
         out[run_dir] = pretrain(cfg)
+    os.environ.pop("MEGASEEK_FAULTS", None)
     return out
 
 
@@ -72,9 +75,9 @@ def test_resume_at_another_layout_continues_the_losses(data_root, tmp_path):
 
 def test_nan_step_is_skipped_on_every_rank_then_rolled_back_or_stopped(data_root, tmp_path):
     one, roll = str(tmp_path / "one"), str(tmp_path / "roll")
-    runs = [(one, ["train.steps=6", "train.fault.nan_step=3", "train.fault.nan_rank=1", "zero.stage=1"]),
-            (roll, ["train.steps=8", "train.save_interval=2", "train.fault.nan_step=[5,6]", "train.fault.nan_rank=0",
-                    "train.max_bad_steps=2", "zero.stage=0"])]
+    runs = [(one, ["train.steps=6", "zero.stage=1"], {"nan_step": 3, "nan_rank": 1}),
+            (roll, ["train.steps=8", "train.save_interval=2", "train.max_bad_steps=2", "zero.stage=0"],
+             {"nan_step": [5, 6], "nan_rank": 0})]
     res = run_world(2, _train_summary, runs, str(data_root))
     for rank_res in res:  # both ranks skipped the same step (ZeRO-1), and both rolled back (stage 0)
         assert rank_res[one]["skipped_steps"] == 1
@@ -88,15 +91,18 @@ def test_nan_step_is_skipped_on_every_rank_then_rolled_back_or_stopped(data_root
     assert [r["step"] for r in rolled][-1] == 8 and isinstance(rolled[-1]["loss"], float)
     # stop instead of rolling back: one clear error
     with pytest.raises(RuntimeError, match="consecutive steps with non-finite loss"):
-        run_world(1, _train, [(str(tmp_path / "stop"), ["train.steps=6", "train.fault.nan_step=[2,3]",
-                                                         "train.max_bad_steps=2", "train.on_bad_steps=stop"])],
+        run_world(1, _train_summary, [(str(tmp_path / "stop"), ["train.steps=6", "train.max_bad_steps=2",
+                                                                 "train.on_bad_steps=stop"], {"nan_step": [2, 3]})],
                   str(data_root))
 
 
-def _start(run_dir, data_root, extra):
+def _start(run_dir, data_root, extra, faults=None):
     cmd = [sys.executable, "launch/pretrain.py"] + BASE + [f"data.root={data_root}", f"run_dir={run_dir}"] + extra
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("MEGASEEK_FAULTS", None)
+    if faults:
+        env["MEGASEEK_FAULTS"] = json.dumps(faults)  # test-only hook (megaseek/testing/faults.py)
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def _wait_for(pred, timeout=240):
@@ -111,7 +117,7 @@ def _wait_for(pred, timeout=240):
 @pytest.mark.slow
 def test_kill_9_during_checkpoint_write_then_auto_resume(data_root, tmp_path):
     run = tmp_path / "run"
-    p = _start(run, data_root, ["train.steps=8", "train.save_interval=2", "train.fault.save_sleep_step=4"])
+    p = _start(run, data_root, ["train.steps=8", "train.save_interval=2"], {"save_sleep_step": 4})
     tmp4 = run / "checkpoints" / ".tmp-global_step4"
     assert _wait_for(lambda: tmp4.is_dir() and any(tmp4.glob("weights-*.safetensors")))
     p.kill()  # SIGKILL while step 4's checkpoint is half written

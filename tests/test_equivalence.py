@@ -14,7 +14,7 @@ COMMON = SMALL_MODEL + SMALL_DATA + ["train.seq_len=32", "train.global_batch_siz
 
 
 def _train(rank, world, runs, data_root):
-    from megaseek.engine.trainer import pretrain
+    from megaseek.train.job import pretrain
     out = {}
     for run_dir, overrides in runs:
         cfg = compose(COMMON + [f"data.root={data_root}", f"run_dir={run_dir}"] + overrides)

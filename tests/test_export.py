@@ -45,21 +45,14 @@ def _layout_logits(trainer, ids):
 
 
 def _train_runs(rank, world, runs, data_root, ids):
-    """pretrain() step by step, keeping the Trainer to evaluate `ids` after its last step."""
-    from megaseek.config.schema import validate
-    from megaseek.distributed.env import init_distributed, select_accelerator
-    from megaseek.distributed.groups import ParallelGroups
-    from megaseek.distributed.topology import Topology
-    from megaseek.engine.trainer import Trainer, resolve_run_dir
+    """pretrain(), keeping the built job to evaluate `ids` with the model at its layout after the last step."""
+    from megaseek.train.job import build_job
     out = {}
     for run_dir, overrides in runs:
         cfg = compose(COMMON + [f"data.root={data_root}", f"run_dir={run_dir}", "train.steps=3"] + overrides)
-        lay = validate(cfg, world, has_cuda=select_accelerator())
-        denv = init_distributed()
-        groups = ParallelGroups.build(Topology(tp=lay.tp, pp=lay.pp, dp=lay.dp))
-        trainer = Trainer(cfg, lay, denv, groups, resolve_run_dir(run_dir)).build()
-        trainer.fit()
-        out[run_dir] = _layout_logits(trainer, ids)
+        job = build_job(cfg)
+        job.run_job()
+        out[run_dir] = _layout_logits(job, ids)
     return out
 
 

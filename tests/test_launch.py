@@ -43,7 +43,7 @@ def test_deepspeed_two_ranks_zero3_cpu_offload(tmp_path, data_root):
     from megaseek.ckpt.checkpoint import verify
     assert verify(tmp_path / "checkpoints" / "global_step4") is None  # whole, checksums match
     assert (tmp_path / "checkpoints" / "global_step4" / "optim-stage0.safetensors").is_file()
-    assert "dp=2 tp=1 pp=1" in out and "greedy sample" in out
+    assert "dp=2 tp=1 pp=1" in out and "[megaseek] sample:" in out
     # started again in the same run directory: resumes from the checkpoint and continues to step 6
     out = _run(_deepspeed(2, [f"data.root={data_root}", f"run_dir={tmp_path}", "train.steps=6", "zero.stage=3",
                               "zero.offload_optimizer=cpu", "zero.offload_param=cpu"]))

@@ -23,7 +23,7 @@ def test_shapes_and_loss_at_init():
     ids = torch.randint(0, 97, (3, 16))
     z = m(ids)
     assert z.shape == (3, 16, 97)
-    loss = m(ids, ids)
+    loss = m.loss(m(ids), ids)
     assert loss.ndim == 0
     assert abs(loss.item() - math.log(97)) < 0.3  # small init: close to uniform
 
@@ -60,11 +60,11 @@ def test_gqa_with_all_kv_heads_equals_plain_multi_head_attention():
     attn = m.layers[0].attn
     x = torch.randn(2, 10, 32)
     cos, sin = m.rope_cos, m.rope_sin
-    out = attn(x, cos, sin)
+    out = attn(x, cos[:10], sin[:10])
     # reference multi-head attention written out by hand
     q = F.linear(x, attn.q_proj.weight).view(2, 10, 4, 8).transpose(1, 2)
-    k = F.linear(x, attn.k_proj.proj.weight).view(2, 10, 4, 8).transpose(1, 2)
-    v = F.linear(x, attn.v_proj.proj.weight).view(2, 10, 4, 8).transpose(1, 2)
+    k = F.linear(x, attn.k_proj.weight).view(2, 10, 4, 8).transpose(1, 2)
+    v = F.linear(x, attn.v_proj.weight).view(2, 10, 4, 8).transpose(1, 2)
     q, k = apply_rope(q, cos[:10], sin[:10]), apply_rope(k, cos[:10], sin[:10])
     s = (q @ k.transpose(-1, -2)) / math.sqrt(8)
     s = s.masked_fill(torch.triu(torch.ones(10, 10, dtype=torch.bool), 1), float("-inf"))
@@ -76,17 +76,17 @@ def test_gqa_with_all_kv_heads_equals_plain_multi_head_attention():
 def test_gqa_shares_kv_heads_between_query_groups():
     m = model(num_kv_heads=2)
     attn = m.layers[0].attn
-    assert attn.k_proj.proj.weight.shape == (16, 32)  # 2 kv heads x 8
+    assert attn.k_proj.weight.shape == (16, 32)  # 2 kv heads x 8
     # GQA equals MHA whose kv weights repeat each kv head for its query group
     mha = model(num_kv_heads=4)
     a2 = mha.layers[0].attn
     with torch.no_grad():
         a2.q_proj.weight.copy_(attn.q_proj.weight)
         a2.o_proj.weight.copy_(attn.o_proj.weight)
-        a2.k_proj.proj.weight.copy_(attn.k_proj.proj.weight.view(2, 8, 32).repeat_interleave(2, 0).reshape(32, 32))
-        a2.v_proj.proj.weight.copy_(attn.v_proj.proj.weight.view(2, 8, 32).repeat_interleave(2, 0).reshape(32, 32))
+        a2.k_proj.weight.copy_(attn.k_proj.weight.view(2, 8, 32).repeat_interleave(2, 0).reshape(32, 32))
+        a2.v_proj.weight.copy_(attn.v_proj.weight.view(2, 8, 32).repeat_interleave(2, 0).reshape(32, 32))
     x = torch.randn(2, 10, 32)
-    assert torch.allclose(attn(x, m.rope_cos, m.rope_sin), a2(x, m.rope_cos, m.rope_sin), atol=1e-5)
+    assert torch.allclose(attn(x, m.rope_cos[:10], m.rope_sin[:10]), a2(x, m.rope_cos[:10], m.rope_sin[:10]), atol=1e-5)
 
 
 def test_same_seed_same_weights_scaled_init_and_tied_head():

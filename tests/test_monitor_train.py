@@ -31,7 +31,7 @@ COMMON = SMALL_MODEL + SMALL_DATA + [
 
 
 def _train(rank, world, run_dir, data_root, port):
-    from megaseek.engine.trainer import pretrain
+    from megaseek.train.job import pretrain
     base = COMMON + [f"data.root={data_root}", f"run_dir={run_dir}", f"logging.prometheus.port={port}"]
     first = pretrain(compose(base + [f"train.steps={STEPS}"]))
     second = pretrain(compose(base + [f"train.steps={STEPS + MORE}"]))  # same run_dir: resumes

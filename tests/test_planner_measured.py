@@ -52,7 +52,7 @@ def _saved_bytes(rank, world, precision, mode, sp, b, s):
             seen[st.data_ptr()] = st.nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, ids)
+        model.loss(model(ids), ids)
     return sum(seen.values()), m
 
 
@@ -117,7 +117,7 @@ def _peak_rss(rank, world, overrides):
     the whole run (which also holds the final checkpoint save)."""
     import deepspeed.runtime.engine as E
 
-    from megaseek.engine.trainer import pretrain
+    from megaseek.train.job import pretrain
     after_step = []
     step = E.DeepSpeedEngine.step
 

@@ -45,7 +45,7 @@ def _compare_case(rank, world, case):
     ref_params = dict(ref.named_parameters())
     n_checked = 0
     for name, p in m.named_parameters():
-        rname = name if name in ref_params else name.replace("_proj.weight", "_proj.proj.weight")
+        rname = name
         r = ref_params[rname]
         dim = getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None
         w = gather_full(p, ctx, dim)[:r.shape[0]] if dim == 0 else gather_full(p, ctx, dim)

@@ -1,24 +1,9 @@
-"""Checkpoint consumers: the full model at tp = 1, a Hugging Face Llama export, and text evaluation.
+"""Checkpoint consumers: the full model at tp = 1, a Hugging Face export, and text evaluation.
 
 Reads only safetensors and JSON (no pickle). A checkpoint's weights are full fp32 tensors under canonical
-(tp = 1) names, one file per pipeline stage (see checkpoint.py); this module maps them as follows:
-
-    megaseek (canonical)                  Hugging Face LlamaForCausalLM
-    embed.weight                          model.embed_tokens.weight
-    layers.{i}.attn_norm.weight           model.layers.{i}.input_layernorm.weight
-    layers.{i}.attn.q_proj.weight         model.layers.{i}.self_attn.q_proj.weight
-    layers.{i}.attn.k_proj.proj.weight    model.layers.{i}.self_attn.k_proj.weight
-    layers.{i}.attn.v_proj.proj.weight    model.layers.{i}.self_attn.v_proj.weight
-    layers.{i}.attn.o_proj.weight         model.layers.{i}.self_attn.o_proj.weight
-    layers.{i}.mlp_norm.weight            model.layers.{i}.post_attention_layernorm.weight
-    layers.{i}.mlp.gate_proj.weight       model.layers.{i}.mlp.gate_proj.weight
-    layers.{i}.mlp.up_proj.weight         model.layers.{i}.mlp.up_proj.weight
-    layers.{i}.mlp.down_proj.weight       model.layers.{i}.mlp.down_proj.weight
-    norm.weight                           model.norm.weight
-    lm_head.weight (untied only)          lm_head.weight (absent with tie_word_embeddings)
-
-No weight is permuted: our RoPE uses the rotate-half layout of HF's `apply_rotary_pos_emb`, and q/k heads
-are laid out head-major in both. Vocabulary padding is not in the checkpoint (HF vocab_size = ours).
+(tp = 1) names, one file per pipeline stage (see checkpoint.py); the model's state adapter
+(megaseek/model/adapter.py) owns the expected shapes and the Hugging Face name map. Vocabulary padding is
+not in the checkpoint (HF vocab_size = ours).
 """
 from __future__ import annotations
 
@@ -36,13 +21,6 @@ from megaseek.ckpt import checkpoint as C
 EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _STAGE = re.compile(r"^weights-stage(\d+)\.safetensors$")
-_HF_LAYER = {"attn_norm.weight": "input_layernorm.weight", "attn.q_proj.weight": "self_attn.q_proj.weight",
-             "attn.k_proj.proj.weight": "self_attn.k_proj.weight", "attn.v_proj.proj.weight": "self_attn.v_proj.weight",
-             "attn.o_proj.weight": "self_attn.o_proj.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
-             "mlp.gate_proj.weight": "mlp.gate_proj.weight", "mlp.up_proj.weight": "mlp.up_proj.weight",
-             "mlp.down_proj.weight": "mlp.down_proj.weight"}
-_HF_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "lm_head.weight": "lm_head.weight"}
 
 
 class CheckpointError(ValueError):
@@ -106,17 +84,8 @@ def load_weights(ckpt: Path) -> dict:
 
 def expected_shapes(cfg) -> dict:
     """Canonical name -> full shape (no vocabulary padding) of a model config."""
-    h, d, i, v = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
-    shapes = {"embed.weight": (v, h), "norm.weight": (h,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (v, h)
-    layer = {"attn_norm.weight": (h,), "attn.q_proj.weight": (cfg.num_heads * d, h),
-             "attn.k_proj.proj.weight": (cfg.num_kv_heads * d, h), "attn.v_proj.proj.weight": (cfg.num_kv_heads * d, h),
-             "attn.o_proj.weight": (h, cfg.num_heads * d), "mlp_norm.weight": (h,), "mlp.gate_proj.weight": (i, h),
-             "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i)}
-    for L in range(cfg.num_layers):
-        shapes.update({f"layers.{L}.{k}": s for k, s in layer.items()})
-    return shapes
+    from megaseek.model.adapter import adapter_for
+    return adapter_for(cfg).expected_shapes()
 
 
 def checked_weights(ckpt: Path, cfg) -> dict:
@@ -152,26 +121,14 @@ def model_at(ckpt: Path):
 
 
 # --- Hugging Face export ---
-def hf_name(name: str) -> str:
-    m = _LAYER.match(name)
-    if m:
-        return f"model.layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
-    return _HF_TOP[name]
+def hf_name(name: str, cfg=None) -> str:
+    from megaseek.model.adapter import DenseAdapter, adapter_for
+    return (adapter_for(cfg) if cfg is not None else DenseAdapter(None)).to_hf(name)
 
 
 def hf_config(cfg, eos_id: Optional[int], pad_id: Optional[int]) -> dict:
-    """config.json of LlamaForCausalLM (transformers 4.x keys rope_theta / torch_dtype and 5.x keys
-    rope_parameters / dtype both present)."""
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-            "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-            "tie_word_embeddings": bool(cfg.tie_embeddings), "attention_bias": False, "mlp_bias": False,
-            "attention_dropout": 0.0, "initializer_range": cfg.init_std, "pretraining_tp": 1, "use_cache": True,
-            "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
-            "torch_dtype": "float32", "dtype": "float32"}
+    from megaseek.model.adapter import adapter_for
+    return adapter_for(cfg).hf_config(eos_id, pad_id)
 
 
 def _write_tokenizer(ckpt: Path, out: Path, max_len: int) -> tuple[Optional[int], Optional[int]]:
@@ -204,7 +161,7 @@ def export_hf(ckpt_dir: str | Path, out: str | Path, overwrite: bool = False) ->
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         eos, pad = _write_tokenizer(ckpt, tmp, cfg.max_seq_len)
-        save_file({hf_name(n): t.contiguous() for n, t in w.items()}, str(tmp / "model.safetensors"),
+        save_file({hf_name(n, cfg): t.contiguous() for n, t in w.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, eos, pad), indent=1))
         (tmp / "generation_config.json").write_text(json.dumps(

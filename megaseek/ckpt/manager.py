@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,14 +31,16 @@ def _bcast_str(s: Optional[str]) -> Optional[str]:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, engine, groups, model_cfg, vocab_size: int, tokenizer_path: Optional[Path],
+    def __init__(self, run_dir: Path, engine, groups, model_cfg, tokenizer_path: Optional[Path],
                  skip_params=(), rng_tracker=None, keep: int = 3, native: bool = False, log=print,
-                 fault_sleep: Optional[tuple] = None):
+                 on_files_written: Optional[Callable[[int, Path], None]] = None):
         self.run_dir, self.engine, self.groups = Path(run_dir), engine, groups
-        self.model_cfg, self.vocab_size, self.tokenizer_path = model_cfg, vocab_size, tokenizer_path
+        self.model_cfg, self.tokenizer_path = model_cfg, tokenizer_path
         self.skip, self.rng, self.keep, self.native, self.log = tuple(skip_params), rng_tracker, keep, native, log
         self.rank = groups.global_rank
-        self.fault_sleep = fault_sleep  # (step, seconds): stall mid-write (tests kill a run while it saves)
+        # called as (step, tmp dir) once this rank's files are written, before the checkpoint is finalized
+        # (tests stall here to kill a run mid-save)
+        self.on_files_written = on_files_written
 
     # --- save ---
     def save(self, step: int, state: dict) -> Path:
@@ -52,7 +54,7 @@ class CheckpointManager:
         g = self.groups
         writer = g.dp.rank == 0 and g.tp.rank == 0
         weights, optim, index = {}, {}, {}
-        for name, full in iter_full_state(self.engine, self.engine.module, g, self.vocab_size, self.skip):
+        for name, full in iter_full_state(self.engine, self.engine.module, g, self.skip):
             if not writer:  # the gathers are collective; only the stage's writer keeps the tensors
                 continue
             weights[name] = full["fp32"]
@@ -68,10 +70,8 @@ class CheckpointManager:
         if self.rng is not None:
             rng.update({f"tracker_{k}": v for k, v in self.rng.state_dict().items() if v is not None})
         save_file(rng, str(tmp / f"rng-rank{self.rank}.safetensors"))
-        if self.fault_sleep and int(self.fault_sleep[0]) == step:
-            import time
-            self.log(f"[ckpt] fault injection: stalling {self.fault_sleep[1]}s while writing {tmp.name}")
-            time.sleep(float(self.fault_sleep[1]))
+        if self.on_files_written is not None:
+            self.on_files_written(step, tmp)
         if self.native:  # DeepSpeed's own format beside ours (zero_to_fp32.py, DeepSpeed tools)
             self.engine.save_checkpoint(str(tmp / "ds"), tag="native", client_state={"step": step})
         # which stage file holds which tensor: gathered to rank 0
@@ -94,7 +94,7 @@ class CheckpointManager:
             t = g.topo
             path = C.finalize(self.run_dir, step, {
                 "layout": {"tp": t.tp, "pp": t.pp, "dp": t.dp, "world_size": t.world_size},
-                "model": dict(vars(self.model_cfg)), "tensors": index}, self.keep)
+                "model": self.model_cfg.to_dict(), "tensors": index}, self.keep)
         _barrier()
         return path
 
@@ -110,13 +110,13 @@ class CheckpointManager:
         run's layout, whatever the layout that wrote them. Returns state.json."""
         path = Path(path)
         man = C.read_manifest(path)
-        if dict(man["model"]) != dict(vars(self.model_cfg)):
-            diff = {k: (man["model"].get(k), v) for k, v in vars(self.model_cfg).items() if man["model"].get(k) != v}
+        from megaseek.model.config import ModelConfig
+        if ModelConfig.from_dict(man["model"]) != self.model_cfg:
+            diff = {k: (man["model"].get(k), v) for k, v in self.model_cfg.to_dict().items() if man["model"].get(k) != v}
             raise ValueError(f"checkpoint {path} holds another model: (checkpoint, config) differ in {diff}")
         wanted = {}
         from megaseek.ckpt.state import canonical_name
-        first = getattr(self.engine.module, "first_layer", 0)
-        local = {canonical_name(n, first) for n, _ in self.engine.module.named_parameters()}
+        local = {canonical_name(self.engine.module, n) for n, _ in self.engine.module.named_parameters()}
         by_file: dict[str, list[str]] = {}
         for n in local:
             if n not in man["tensors"]:

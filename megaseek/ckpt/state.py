@@ -10,7 +10,7 @@ Scattering is the reverse: slice the full tensor for this rank's shard (pad the 
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -18,16 +18,10 @@ import torch.distributed as dist
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
-def canonical_name(name: str, first_layer: int = 0) -> str:
-    """The parameter's name at tp = 1, pp = 1: the global layer index (a pipeline stage's `layers.0` is layer
-    `first_layer`), and a replicated kv projection (`k_proj.weight`) is `k_proj.proj.weight`."""
-    if first_layer and name.startswith("layers."):
-        i, rest = name[len("layers."):].split(".", 1)
-        name = f"layers.{int(i) + first_layer}.{rest}"
-    for kv in ("k_proj", "v_proj"):
-        if name.endswith(f"attn.{kv}.weight"):
-            return name[: -len("weight")] + "proj.weight"
-    return name
+def canonical_name(model, name: str) -> str:
+    """The parameter's name at tp = 1, pp = 1, as the model's state adapter defines it."""
+    from megaseek.model.adapter import adapter_for
+    return adapter_for(model.cfg).canonical(name, getattr(model, "first_layer", 0))
 
 
 def base_optimizer(engine):
@@ -143,7 +137,7 @@ def _gather_tp(t: torch.Tensor, p, tp) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def iter_full_state(engine, model, groups, vocab_size: int, skip=()) -> Iterator[tuple[str, dict]]:
+def iter_full_state(engine, model, groups, skip=()) -> Iterator[tuple[str, dict]]:
     """Yield (canonical name, {fp32, exp_avg, exp_avg_sq: full tensor}) for this stage's parameters.
     Collective: every rank of the stage calls it; all ranks get the tensors (writers pick who saves)."""
     skip_ids = {id(p) for p in skip}
@@ -154,10 +148,11 @@ def iter_full_state(engine, model, groups, vocab_size: int, skip=()) -> Iterator
         full = {}
         for key in KEYS:
             t = _gather_tp(_local_full(engine, p, key), p, groups.tp)
-            if name.endswith("embed.weight") or name.endswith("lm_head.weight"):
-                t = t[:vocab_size]  # strip vocabulary padding
+            rows = getattr(p, "vocab_rows", None)
+            if rows is not None:
+                t = t[:rows]  # strip vocabulary padding
             full[key] = t.contiguous()
-        yield canonical_name(name, getattr(model, "first_layer", 0)), full
+        yield canonical_name(model, name), full
 
 
 def shard_for(full: torch.Tensor, p, tp, local_shape) -> torch.Tensor:
@@ -193,7 +188,7 @@ def load_full_state(engine, model, groups, tensors: dict[str, dict], load_optimi
     relink_hp_optimizer_state(engine)
     missing = []
     for name, p in model.named_parameters():
-        cname = canonical_name(name, getattr(model, "first_layer", 0))
+        cname = canonical_name(model, name)
         entry = tensors.get(cname)
         if entry is None:
             missing.append(cname)

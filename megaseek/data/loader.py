@@ -98,6 +98,11 @@ class InterleavedWindows:
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
+def _seq_len_of(data) -> int:
+    src = data.sources[0] if getattr(data, "sources", None) else data
+    return int(getattr(src, "seq_len", 0))
+
+
 @dataclass
 class BatchPlan:
     global_batch: int
@@ -139,10 +144,24 @@ class GlobalBatchSampler:
         return np.arange(first, first + p.micro_batch, dtype=np.int64)
 
 
+def window_batch(ids: Optional[torch.Tensor], labels: Optional[torch.Tensor], batch: int, seq_len: int) -> dict:
+    """The batch dict of packed pretraining windows (the contract of megaseek/tasks): `input_ids` (b, s) on
+    stages that embed, `labels` and `loss_mask` (b, s) on the stage that computes the loss, `position_ids`
+    (b, s) everywhere. Windows are plain causal streams: positions 0..s-1, no document ids, every label valid."""
+    out = {"position_ids": torch.arange(seq_len).expand(batch, seq_len)}
+    if ids is not None:
+        out["input_ids"] = ids
+    if labels is not None:
+        out["labels"] = labels
+        out["loss_mask"] = torch.ones_like(labels, dtype=torch.bool)
+    return out
+
+
 class ResumableLoader:
     """Micro-batches of consecutive global batches; `state_dict()` holds the samples consumed so far."""
 
-    def __init__(self, data, plan: BatchPlan, seed: int, blend_window: int = 1000, data_id: Optional[str] = None):
+    def __init__(self, data, plan: BatchPlan, seed: int, blend_window: int = 1000, data_id: Optional[str] = None,
+                 seq_len: Optional[int] = None):
         if isinstance(data, TokenWindows):
             data = BlendedWindows({"data": data}, {"data": 1.0}, blend_window, seed)
         self.data, self.plan, self.seed, self.data_id = data, plan, int(seed), data_id
@@ -152,6 +171,7 @@ class ResumableLoader:
                              f"use more data or a smaller train.global_batch_size")
         self.sampler = GlobalBatchSampler(plan)
         self.consumed = 0
+        self.seq_len = seq_len if seq_len is not None else _seq_len_of(data)
 
     @property
     def next_batch(self) -> int:
@@ -171,6 +191,10 @@ class ResumableLoader:
             ids, labels = self.data.batch(self.sampler.micro_batch(start, m))
             out.append((ids if p.reads_inputs else None, labels if p.reads_labels else None))
         return out
+
+    def batches(self) -> list[dict]:
+        """`micro_batches()` as batch dicts (see `window_batch`), the form the training step takes."""
+        return [window_batch(ids, labels, self.plan.micro_batch, self.seq_len) for ids, labels in self.micro_batches()]
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed, "next_batch": self.next_batch, "seed": self.seed,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -93,3 +92,9 @@ def log0(*args, **kw):
     if is_rank0():
         kw.setdefault("flush", True)
         print(*args, **kw)
+
+
+def quiet_startup() -> bool:
+    """Call first in an entry script: selects DeepSpeed's CPU accelerator (when there is no GPU) before
+    anything imports DeepSpeed, which otherwise warns that it guessed one. Returns has_cuda."""
+    return select_accelerator()

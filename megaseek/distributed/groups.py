@@ -6,7 +6,7 @@ so we walk all groups of each axis and keep the one that contains this rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch.distributed as dist
 

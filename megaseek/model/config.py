@@ -1,8 +1,22 @@
-"""Model hyper-parameters: the `model` slice of the Hydra config as a dataclass."""
+"""Model hyper-parameters: the `model` slice of the Hydra config as a dataclass (the one place of its defaults).
+
+`attention` and `mlp` choose the block's sub-layers from the model spec (megaseek/model/spec.py).
+"""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
+
+
+def unknown_key_message(section: str, unknown: list[str], known: list[str]) -> str:
+    """'unknown key model.hiden_size (did you mean model.hidden_size?)' for each unknown key."""
+    parts = []
+    for k in sorted(unknown):
+        close = difflib.get_close_matches(k, known, n=1, cutoff=0.5)
+        hint = f" (did you mean {section}.{close[0]}?)" if close else f" (valid keys: {', '.join(sorted(known))})"
+        parts.append(f"unknown key {section}.{k}{hint}")
+    return "; ".join(parts)
 
 
 @dataclass
@@ -21,14 +35,19 @@ class ModelConfig:
     init_std: float = 0.02
     dropout: float = 0.0
     pad_vocab_multiple: int = 1
+    attention: str = "gqa"   # the block's attention (megaseek/model/spec.py ATTENTION)
+    mlp: str = "swiglu"      # the block's MLP (megaseek/model/spec.py MLP)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in known]
         if unknown:
-            raise ValueError(f"unknown model keys {sorted(unknown)}; known keys are {sorted(known)}")
+            raise ValueError(unknown_key_message("model", unknown, known))
         return cls(**dict(d))
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
     def head_dim(self) -> int:
@@ -36,8 +55,14 @@ class ModelConfig:
 
     def validate(self, tp: int = 1) -> None:
         """Raise one ValueError naming the field when the shape cannot work at tensor degree `tp`."""
+        from megaseek.model.spec import ATTENTION, MLP
+
         def bad(msg):
             raise ValueError(f"model config '{self.name}': {msg}")
+        if self.attention not in ATTENTION:
+            bad(f"model.attention={self.attention!r}: choose one of {sorted(ATTENTION)}")
+        if self.mlp not in MLP:
+            bad(f"model.mlp={self.mlp!r}: choose one of {sorted(MLP)}")
         for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                   "max_seq_len"):
             if getattr(self, k) < 1:

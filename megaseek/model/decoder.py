@@ -1,8 +1,13 @@
 """A DeepSeek/Llama-style decoder-only transformer, read top to bottom.
 
-    ids (b, s) -> VocabParallelEmbedding -> L x Block -> RMSNorm -> LM head (vocab-parallel) -> loss
+    ids (b, s) -> VocabParallelEmbedding -> L x Block -> RMSNorm -> LM head (vocab-parallel) -> logits
 
-Block (pre-norm):  x = x + Attention(RMSNorm(x));  x = x + SwiGLU(RMSNorm(x))
+Block (pre-norm):  x = x + Attention(RMSNorm(x));  x = x + MLP(RMSNorm(x)), the attention and MLP chosen by
+the model spec (megaseek/model/spec.py) from `model.attention` / `model.mlp`.
+
+Inputs besides the tokens: `position_ids` (b, s) for RoPE (default 0..s-1), `document_ids` (b, s) so that packed
+documents do not attend to each other and left padding (id -1) is invisible, and a KV cache for decoding.
+The loss is not the model's: an objective (megaseek/tasks/) turns the vocab-sharded logits into a loss.
 
 Every weight is drawn from its own seed (layer index, sub-layer), so the same seed gives the same full
 weights at any tensor or pipeline layout; a pipeline stage builds only its slice of the layers.
@@ -16,10 +21,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from megaseek.tensor_parallel.layers import (ColumnParallelLinear, RNGTracker, TPContext, VocabParallelEmbedding,
-                                     mask_padded_logits, padded_vocab_size, vocab_parallel_cross_entropy)
+from megaseek.model.attention import attention_mask
+from megaseek.model.cache import KVCache
 from megaseek.model.config import ModelConfig
-from megaseek.model.layers import Attention, RMSNorm, SwiGLU, rope_tables, scaled_out_std
+from megaseek.model.layers import RMSNorm, rope_at, rope_tables, scaled_out_std
+from megaseek.model.spec import attention_cls, mlp_cls
+from megaseek.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megaseek.tensor_parallel.layers import (ColumnParallelLinear, TPContext, VocabParallelEmbedding,
+                                             mask_padded_logits, padded_vocab_size)
+from megaseek.tensor_parallel.random import RNGTracker
 
 CHECKPOINT_MODES = ("none", "full", "selective")
 
@@ -37,12 +47,12 @@ class Block(nn.Module):
         self.dropout = cfg.dropout
         self.rng, self.ctx = rng, ctx
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx)
-        self.attn = Attention(cfg, ctx, s, scaled_out_std(cfg), rng)
+        self.attn = attention_cls(cfg)(cfg, ctx, s, scaled_out_std(cfg), rng)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx)
-        self.mlp = SwiGLU(cfg, ctx, s, scaled_out_std(cfg))
+        self.mlp = mlp_cls(cfg)(cfg, ctx, s, scaled_out_std(cfg))
 
-    def _attn(self, x, cos, sin):
-        return self.attn(self.attn_norm(x), cos, sin)
+    def _attn(self, x, cos, sin, mask=None, cache=None):
+        return self.attn(self.attn_norm(x), cos, sin, mask, cache)
 
     def _drop(self, y):
         if self.dropout == 0.0 or not self.training:
@@ -52,12 +62,13 @@ class Block(nn.Module):
                 return F.dropout(y, self.dropout, True)
         return F.dropout(y, self.dropout, True)  # replicated residual: same mask on every tensor rank
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                cache=None) -> torch.Tensor:
         # x: (b, s, h), or (b, s/p, h) with sequence parallelism
         if self.checkpointing == "selective" and self.training:  # recompute attention only
-            a = checkpoint(self._attn, x, cos, sin, use_reentrant=False)
+            a = checkpoint(self._attn, x, cos, sin, mask, cache, use_reentrant=False)
         else:
-            a = self._attn(x, cos, sin)
+            a = self._attn(x, cos, sin, mask, cache)
         x = x + self._drop(a)
         x = x + self._drop(self.mlp(self.mlp_norm(x)))
         return x
@@ -65,10 +76,11 @@ class Block(nn.Module):
 
 class Decoder(nn.Module):
     """The model, or one pipeline stage of it: layers [first_layer, last_layer), with the embedding when
-    `pre` and the final norm + head + loss when `post`.
+    `pre` and the final norm + head when `post`.
 
-    forward(ids, labels=None) -> vocab-sharded logits (b, s, V_pad/p), or the mean token loss when
-    labels are given (on a stage without `post`, the hidden states (b, s|s/p, h)).
+    forward(x, position_ids=None, document_ids=None, cache=None) -> vocab-sharded logits (b, s, V_pad/p) on a
+    stage with `post`, else the hidden states (b, s|s/p, h). x: token ids (b, s) on a stage with `pre`, else the
+    previous stage's hidden states.
     """
 
     def __init__(self, cfg: ModelConfig, ctx: Optional[TPContext] = None, seed: int = 1234,
@@ -104,13 +116,28 @@ class Decoder(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed(ids)  # (b, s, h), or (b, s/p, h) with SP
 
-    def run_layers(self, x: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rope_cos, self.rope_sin
-        for blk in self.layers:
+    def run_layers(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                   document_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
+        s = x.shape[1] * (self.ctx.size if self.ctx.sequence_parallel else 1)  # the full sequence length
+        mask = None
+        if cache is not None:
+            doc_new = document_ids if document_ids is not None else torch.zeros(
+                x.shape[0], s, dtype=torch.long, device=x.device)
+            doc_all, offset = cache.begin(doc_new)
+            mask = attention_mask(doc_new, doc_all, offset)  # (b, 1, s, L + s)
+            if position_ids is None:
+                position_ids = torch.arange(offset, offset + s, device=x.device).expand(x.shape[0], s)
+        elif document_ids is not None:
+            mask = attention_mask(document_ids, document_ids, 0)  # (b, 1, s, s)
+        cos, sin = rope_at(self.rope_cos, self.rope_sin, s, position_ids)
+        for i, blk in enumerate(self.layers):
+            lc = cache.layer(i) if cache is not None else None
             if self.checkpointing == "full" and self.training:
-                x = checkpoint(blk, x, cos, sin, use_reentrant=False)
+                x = checkpoint(blk, x, cos, sin, mask, lc, use_reentrant=False)
             else:
-                x = blk(x, cos, sin)
+                x = blk(x, cos, sin, mask, lc)
+        if cache is not None:
+            cache.commit(s)
         return x
 
     def head_weight(self) -> torch.Tensor:
@@ -121,34 +148,19 @@ class Decoder(nn.Module):
         z = F.linear(x, self.head_weight())  # (b, s, V_pad/p)
         return mask_padded_logits(z, self.cfg.vocab_size, self.vocab_start)
 
+    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy (b, s) from vocab-sharded logits; 0 where labels < 0."""
+        return vocab_parallel_cross_entropy(logits, labels, self.ctx, self.vocab_start)
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, labels, self.ctx, self.vocab_start).mean()
+        """Mean token loss (a convenience for tests and tools; training uses an objective)."""
+        return self.token_losses(logits, labels).mean()
 
-    def forward(self, ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.embed_tokens(ids) if self.pre else ids
-        x = self.run_layers(x)
-        if not self.post:
-            return x
-        z = self.logits(x)
-        return z if labels is None else self.loss(z, labels)
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(len(self.layers), batch, max_len, device=self.rope_cos.device)
 
-
-@torch.no_grad()
-def greedy_generate(model: Decoder, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy decoding without a cache (fine for samples from small models). All tensor ranks call it in
-    lockstep; the arg-max over the vocab-sharded logits is taken across ranks by gathering one column."""
-    from megaseek.tensor_parallel.mappings import gather_from_region
-    was = model.training
-    model.eval()
-    p = model.ctx.size if model.ctx.sequence_parallel else 1
-    limit = (model.cfg.max_seq_len // p) * p
-    for _ in range(new_tokens):
-        window = ids[:, -limit:]
-        n = window.shape[1]
-        if n % p:  # sequence parallelism needs s % p == 0: pad on the right (causal: no effect on t < n)
-            window = torch.cat([window, window.new_zeros(window.shape[0], p - n % p)], dim=1)
-        z = model(window)[:, n - 1:n, :]  # (b, 1, V_pad/p)
-        z = gather_from_region(z, model.ctx.group)[:, 0, :model.cfg.vocab_size]  # (b, V)
-        ids = torch.cat([ids, z.argmax(-1, keepdim=True)], dim=1)
-    model.train(was)
-    return ids
+    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
+        h = self.embed_tokens(x) if self.pre else x
+        h = self.run_layers(h, position_ids, document_ids, cache)
+        return self.logits(h) if self.post else h

@@ -14,32 +14,32 @@ attention sub-layer only.
 from __future__ import annotations
 
 from megaseek.model.config import ModelConfig
+from megaseek.model.spec import attention_cls, layer_params
 
 
 def param_counts(cfg: ModelConfig) -> dict:
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    attn = h * cfg.num_heads * d * 2 + h * cfg.num_kv_heads * d * 2  # q, o, k, v
-    mlp = 3 * h * i
-    norms = 2 * h
-    per_layer = attn + mlp + norms
+    """Parameter counts from the model spec's sub-layers (no weights built: works for any size)."""
+    h = cfg.hidden_size
+    lp = layer_params(cfg)
+    per_layer = lp["total"]
     embed = cfg.vocab_size * h
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * h
     total = embed + cfg.num_layers * per_layer + h + head
-    matmul = cfg.num_layers * (attn + mlp) + cfg.vocab_size * h  # the head is a matmul, tied or not
+    matmul = cfg.num_layers * lp["matmul"] + cfg.vocab_size * h  # the head is a matmul, tied or not
     return {"total": total, "embedding": embed, "per_layer": per_layer, "matmul": matmul,
             "non_embedding": total - embed}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str = "none") -> dict:
     n = param_counts(cfg)["matmul"]
-    attn = 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
+    attn_cls = attention_cls(cfg)
+    attn = 3 * cfg.num_layers * attn_cls.score_flops(cfg, seq_len)  # forward + backward (x3)
     model = 6 * n + attn
     hw = model
     if recompute == "full":
         hw += 2 * n + attn // 3
     elif recompute == "selective":
-        attn_params = 2 * cfg.hidden_size * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
-        hw += 2 * cfg.num_layers * attn_params + attn // 3
+        hw += 2 * cfg.num_layers * attn_cls.recompute_params(cfg) + attn // 3
     return {"model": model, "hardware": hw}
 
 

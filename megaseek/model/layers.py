@@ -1,4 +1,4 @@
-"""Decoder building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP.
+"""Decoder building blocks: RMSNorm, rotary embeddings, the SwiGLU MLP (attention: attention.py).
 
 Shapes: b = batch, s = sequence, h = hidden, p = tensor degree, nh / nkv = query / kv heads, d = head dim.
 With sequence parallelism the residual stream is (b, s/p, h); otherwise (b, s, h) on every tensor rank.
@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megaseek.tensor_parallel.layers import ColumnParallelLinear, RNGTracker, RowParallelLinear, TPContext, master_normal
+from megaseek.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, TPContext
 from megaseek.model.config import ModelConfig
 
 
@@ -46,74 +46,25 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (b, n, s, d) rotated by position: x*cos + rotate_half(x)*sin; q.k then depends on positions only
-    through their difference."""
+    through their difference. cos/sin: (s, d) for positions 0..s-1, or (b, 1, s, d) for given position ids."""
     half = x.shape[-1] // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
 
 
-class KVProjection(nn.Module):
-    """K (or V) projection for grouped-query attention under tensor parallelism.
-
-    nkv >= p: column-parallel, rank i holds kv heads [i nkv/p, (i+1) nkv/p).
-    nkv <  p: every rank holds the full (nkv d, h) weight (replicated) and uses the one head its query
-              heads need, head (i * nkv) // p; the ranks sharing a head each hold a partial dW, summed by
-              `ctx.replicated_weight` (all-reduce of dW).
-    """
-
-    def __init__(self, cfg: ModelConfig, ctx: TPContext, seed: int):
-        super().__init__()
-        d, nkv = cfg.head_dim, cfg.num_kv_heads
-        self.ctx, self.d = ctx, d
-        self.replicated = nkv < ctx.size
-        if self.replicated:
-            self.weight = nn.Parameter(master_normal((nkv * d, cfg.hidden_size), cfg.init_std, seed))  # (nkv d, h)
-            self.head = (ctx.rank * nkv) // ctx.size
-            self.local_heads = 1
-        else:
-            self.proj = ColumnParallelLinear(cfg.hidden_size, nkv * d, ctx, std=cfg.init_std, seed=seed)
-            self.local_heads = nkv // ctx.size
-
-    def forward(self, x_parallel: torch.Tensor) -> torch.Tensor:
-        if self.replicated:
-            w = self.ctx.replicated_weight(self.weight)[self.head * self.d:(self.head + 1) * self.d]  # (d, h)
-            return F.linear(x_parallel, w)  # (b, s, d)
-        return self.proj(x_parallel)  # (b, s, nkv d / p)
-
-
-class Attention(nn.Module):
-    """Causal self-attention with RoPE and grouped-query heads; query heads split across tensor ranks."""
-
-    def __init__(self, cfg: ModelConfig, ctx: TPContext, seed: int, out_std: float, rng: Optional[RNGTracker]):
-        super().__init__()
-        self.ctx, self.d, self.rng = ctx, cfg.head_dim, rng
-        self.dropout = cfg.dropout
-        self.n_local = cfg.num_heads // ctx.size
-        h = cfg.hidden_size
-        self.q_proj = ColumnParallelLinear(h, cfg.num_heads * self.d, ctx, std=cfg.init_std, seed=seed + 1)
-        self.k_proj = KVProjection(cfg, ctx, seed + 2)
-        self.v_proj = KVProjection(cfg, ctx, seed + 3)
-        self.o_proj = RowParallelLinear(cfg.num_heads * self.d, h, ctx, std=out_std, seed=seed + 4)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        xp = self.ctx.enter(x)  # (b, s, h): one entry shared by q, k, v
-        b, s, _ = xp.shape
-        q = self.q_proj(xp).view(b, s, self.n_local, self.d).transpose(1, 2)  # (b, nh/p, s, d)
-        k = self.k_proj(xp).view(b, s, self.k_proj.local_heads, self.d).transpose(1, 2)  # (b, nkv_local, s, d)
-        v = self.v_proj(xp).view(b, s, self.v_proj.local_heads, self.d).transpose(1, 2)
-        q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
-        p = self.dropout if self.training else 0.0
-        if p > 0 and self.rng is not None:
-            with self.rng.fork():  # heads differ per tensor rank: their dropout masks must too
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=True)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=True)
-        o = o.transpose(1, 2).reshape(b, s, self.n_local * self.d)  # (b, s, nh d / p)
-        return self.o_proj(o)  # (b, s, h), or (b, s/p, h) with SP
+def rope_at(cos: torch.Tensor, sin: torch.Tensor, s: int, position_ids: Optional[torch.Tensor]):
+    """The tables for a sequence: positions 0..s-1 -> (s, d); position ids (b, s) -> (b, 1, s, d)."""
+    if position_ids is None:
+        return cos[:s], sin[:s]
+    return cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
 
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up column-parallel (i/p each), down row-parallel."""
+
+    @staticmethod
+    def num_params(cfg: ModelConfig) -> int:
+        return 3 * cfg.hidden_size * cfg.intermediate_size  # all matmul weights
 
     def __init__(self, cfg: ModelConfig, ctx: TPContext, seed: int, out_std: float):
         super().__init__()

@@ -1,5 +1,10 @@
 """1F1B pipeline schedule (PipeDream-flush / Megatron's non-interleaved schedule) on the DeepSpeed engine.
 
+The schedule knows no task: it calls `forward_step(i, x)` for micro-batch i (x: the activations received from
+the previous stage, None on the first stage), which returns the stage output, or on the last stage the scalar
+to back-propagate (the objective's loss, already scaled). One stage (pp = 1) is the trivial case of the same
+schedule: no warm-up, forward and backward alternate, nothing is sent.
+
 Stage s of p stages with m micro-batches runs w = min(p - s - 1, m) warm-up forwards, then alternates one
 forward and one backward (steady state), then drains the remaining w backwards. At most p - s
 micro-batches' activations are alive on stage s (GPipe keeps m).
@@ -11,7 +16,7 @@ the accumulation steps); the other stages call engine.backward(sum(y * dy), scal
 scalar whose gradient w.r.t. the stage output y is exactly dy received from the next stage (already
 divided once). engine.step() follows every backward, so DeepSpeed counts micro-steps as usual, except
 the last: the boundary step runs after the schedule, once this stage has sent its last gradient, behind
-the hook `before_last_step` (tied-weight and data-parallel reductions, which span stages).
+the hook `before_last_step` (gradient norm, tied-weight and data-parallel reductions, which span stages).
 """
 from __future__ import annotations
 
@@ -34,32 +39,24 @@ class StageTimes:
     events: list = field(default_factory=list)  # (kind, micro, t_start, t_end) relative to schedule start
 
 
-def run_1f1b(engine, comm: StageComm, micro_batches: list, num_micro: int,
-             before_last_step: Optional[Callable[[], None]] = None, record_events: bool = False):
-    """Returns (losses of this stage's micro-batches (last stage only, else []), StageTimes)."""
+def run_1f1b(engine, comm: StageComm, num_micro: int, forward_step: Callable,
+             before_last_step: Optional[Callable[[], None]] = None, record_events: bool = False) -> StageTimes:
+    """One optimizer step of this stage over `num_micro` micro-batches. Returns its StageTimes."""
     first, last = comm.prev is None, comm.next is None
     p, s, m = comm.stages, comm.stage, num_micro
     warmup = min(p - s - 1, m)
     remaining = m - warmup
     inputs: list = [None] * m
     outputs: list = [None] * m
-    losses: list[float] = []
     times = StageTimes()
     t0 = time.perf_counter()
 
     def forward(i: int, x: Optional[torch.Tensor]) -> torch.Tensor:
         ta = time.perf_counter()
-        if first:
-            ids = micro_batches[i][0]
-            x = ids.to(comm.device)
-        else:
+        if not first:
             x.requires_grad_(True)
         inputs[i] = x
-        if last:
-            y = engine(x, micro_batches[i][1].to(comm.device))  # mean token loss
-            losses.append(float(y.detach()))
-        else:
-            y = engine(x)  # (b, s|s/tp, h)
+        y = forward_step(i, x)  # last stage: the scaled loss; else (b, s|s/tp, h)
         outputs[i] = y
         tb = time.perf_counter()
         times.forward_s += tb - ta
@@ -109,18 +106,15 @@ def run_1f1b(engine, comm: StageComm, micro_batches: list, num_micro: int,
     engine.step()
     times.step_s = time.perf_counter() - ta
     times.busy_s = times.forward_s + times.backward_s
-    return losses, times
+    return times
 
 
 @torch.no_grad()
-def forward_only(engine, comm: StageComm, micro_batches: list, num_micro: int) -> list[float]:
-    """Evaluation through the pipeline: losses on the last stage, [] elsewhere."""
-    first, last = comm.prev is None, comm.next is None
-    losses = []
+def forward_only(comm: StageComm, num_micro: int, forward_step: Callable) -> None:
+    """Evaluation through the stages: forward_step(i, x) on every micro-batch (the last stage's results are
+    kept by forward_step itself)."""
+    last = comm.next is None
     for i in range(num_micro):
-        x = micro_batches[i][0].to(comm.device) if first else comm.recv_forward()
-        if last:
-            losses.append(float(engine(x, micro_batches[i][1].to(comm.device))))
-        else:
-            comm.send_forward(engine(x))
-    return losses
+        y = forward_step(i, comm.recv_forward())
+        if not last:
+            comm.send_forward(y)

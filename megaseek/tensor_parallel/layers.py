@@ -50,6 +50,16 @@ class TPContext:
             return M.reduce_scatter_to_sequence(y_partial, self.group)
         return M.reduce_from_region(y_partial, self.group)
 
+    @contextlib.contextmanager
+    def no_sequence_parallel(self):
+        """Run without sequence parallelism (decoding one token at a time cannot split the sequence); the
+        weights are the same, only the communication pattern changes."""
+        was, self.sequence_parallel = self.sequence_parallel, False
+        try:
+            yield
+        finally:
+            self.sequence_parallel = was
+
     def replicated_weight(self, w: torch.Tensor) -> torch.Tensor:
         """A weight replicated across tensor ranks whose per-rank gradient is partial (sequence-parallel
         norms, kv heads shared by several tensor ranks): identity forward, all-reduce dW backward, so
@@ -88,7 +98,8 @@ def master_normal(shape, std: float, seed: int) -> torch.Tensor:
     return torch.empty(*shape).normal_(0.0, std, generator=g)
 
 
-def _mark(p: nn.Parameter, dim: int, ctx: TPContext):
+def mark_sharded(p: nn.Parameter, dim: int, ctx: TPContext):
+    """Record the axis a parameter is split on across tensor ranks (DeepSpeed and our checkpoints read it)."""
     if ctx.size > 1:
         p.tensor_model_parallel = True
         p.partition_dim = dim
@@ -114,11 +125,13 @@ class ColumnParallelLinear(nn.Module):
         full = torch.zeros(out_features, in_features)
         full[:valid] = master_normal((valid, in_features), std, seed)  # (out, in)
         self.weight = nn.Parameter(full.chunk(ctx.size, dim=0)[ctx.rank].clone())  # (out/p, in)
-        _mark(self.weight, 0, ctx)
+        mark_sharded(self.weight, 0, ctx)
+        if valid_out is not None:
+            self.weight.vocab_rows = valid_out  # rows past this are padding: not in checkpoints
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features // ctx.size))  # (out/p,)
-            _mark(self.bias, 0, ctx)
+            mark_sharded(self.bias, 0, ctx)
 
     def forward(self, x_parallel: torch.Tensor) -> torch.Tensor:
         y = F.linear(x_parallel, self.weight, self.bias)  # (..., out/p)
@@ -144,7 +157,7 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         full = master_normal((out_features, in_features), std, seed)  # (out, in)
         self.weight = nn.Parameter(full.chunk(ctx.size, dim=1)[ctx.rank].clone())  # (out, in/p)
-        _mark(self.weight, 1, ctx)
+        mark_sharded(self.weight, 1, ctx)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x_parallel: torch.Tensor) -> torch.Tensor:
@@ -177,7 +190,8 @@ class VocabParallelEmbedding(nn.Module):
         full = torch.zeros(padded_size, hidden)
         full[:vocab_size] = master_normal((vocab_size, hidden), std, seed)  # padded rows stay 0
         self.weight = nn.Parameter(full[self.start:self.start + self.per_rank].clone())  # (V_pad/p, h)
-        _mark(self.weight, 0, ctx)
+        mark_sharded(self.weight, 0, ctx)
+        self.weight.vocab_rows = vocab_size  # rows past this are padding: not in checkpoints
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.ctx.size == 1:
@@ -197,101 +211,6 @@ def mask_padded_logits(logits: torch.Tensor, vocab_size: int, vocab_start: int) 
         return logits
     col = torch.arange(n_local, device=logits.device)
     return logits.masked_fill(col >= n_real, torch.finfo(logits.dtype).min)
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """loss_t = log(sum_v exp(z_tv)) - z_t,y_t with z split by vocab across ranks; never gathers z.
-
-    Forward: global max (all-reduce MAX), target logit (all-reduce SUM, only its owner contributes),
-    sum of exp (all-reduce SUM). Backward: dz = softmax(z) - onehot(y), on the local slice only.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, target, group, vocab_start):
-        z = logits.float()  # (b, s, v/p)
-        zmax = z.max(dim=-1).values  # (b, s)
-        if group is not None:
-            dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
-            if M.CommCounter.active is not None:
-                M.CommCounter.active.add("all_reduce", zmax)
-        z = z - zmax.unsqueeze(-1)
-        n_local = z.shape[-1]
-        outside = (target < vocab_start) | (target >= vocab_start + n_local)
-        local_t = (target - vocab_start).masked_fill(outside, 0)
-        z_t = z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)  # (b, s)
-        exp = z.exp()
-        sum_exp = exp.sum(dim=-1)  # (b, s)
-        if group is not None:
-            both = torch.stack([z_t, sum_exp])  # one all-reduce for the two (b, s) tensors
-            if M.CommCounter.active is not None:
-                M.CommCounter.active.add("all_reduce", both)
-            dist.all_reduce(both, group=group)
-            z_t, sum_exp = both[0], both[1]
-        loss = sum_exp.log() - z_t  # (b, s)
-        softmax = exp / sum_exp.unsqueeze(-1)
-        ctx.save_for_backward(softmax, local_t, outside)
-        ctx.in_dtype = logits.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        softmax, local_t, outside = ctx.saved_tensors
-        grad = softmax  # (b, s, v/p), reused in place
-        onehot = (~outside).to(grad.dtype)
-        grad.scatter_add_(-1, local_t.unsqueeze(-1), -onehot.unsqueeze(-1))
-        grad.mul_(g.unsqueeze(-1))
-        return grad.to(ctx.in_dtype), None, None, None
-
-
-def vocab_parallel_cross_entropy(logits_local: torch.Tensor, target: torch.Tensor, ctx: TPContext,
-                                 vocab_start: int) -> torch.Tensor:
-    """Per-token loss (b, s) from vocab-sharded logits (b, s, V_pad/p)."""
-    if ctx.size == 1:
-        b, s, v = logits_local.shape
-        return F.cross_entropy(logits_local.float().view(b * s, v), target.reshape(b * s),
-                               reduction="none").view(b, s)
-    return _VocabParallelCrossEntropy.apply(logits_local, target, ctx.group, vocab_start)
-
-
-class RNGTracker:
-    """Per-tensor-rank RNG streams for dropout inside tensor-parallel regions.
-
-    Dropout on sharded activations (attention probabilities of this rank's heads) must differ across
-    tensor ranks; dropout on replicated activations must be identical. `fork()` swaps in a stream seeded
-    by (seed, tensor rank) and restores the default stream afterwards.
-    """
-
-    def __init__(self, seed: int, tp_rank: int):
-        self._gen = torch.Generator().manual_seed(seed + 2718 + 1000 * tp_rank)
-        self._cuda_state = None
-        if torch.cuda.is_available():
-            with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
-                torch.cuda.manual_seed(seed + 2718 + 1000 * tp_rank)
-                self._cuda_state = torch.cuda.get_rng_state()
-
-    @contextlib.contextmanager
-    def fork(self):
-        cpu = torch.get_rng_state()
-        torch.set_rng_state(self._gen.get_state())
-        cuda = None
-        if self._cuda_state is not None:
-            cuda = torch.cuda.get_rng_state()
-            torch.cuda.set_rng_state(self._cuda_state)
-        try:
-            yield
-        finally:
-            self._gen.set_state(torch.get_rng_state())
-            torch.set_rng_state(cpu)
-            if cuda is not None:
-                self._cuda_state = torch.cuda.get_rng_state()
-                torch.cuda.set_rng_state(cuda)
-
-    def state_dict(self):
-        return {"cpu": self._gen.get_state(), "cuda": self._cuda_state}
-
-    def load_state_dict(self, sd):
-        self._gen.set_state(sd["cpu"])
-        self._cuda_state = sd.get("cuda")
 
 
 def gather_full(t: torch.Tensor, ctx: TPContext, dim: Optional[int]) -> torch.Tensor:

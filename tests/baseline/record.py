@@ -24,7 +24,7 @@ LAYOUTS = {"one_process": (1, ["zero.stage=0"]), "dp2_zero1": (2, ["zero.stage=1
 
 
 def _run(rank, world, run_dir, overrides, data_root):
-    from megaseek.engine.trainer import pretrain
+    from megaseek.train.job import pretrain
     from tests.helpers import compose
     cfg = compose(OVERRIDES + overrides + [f"run_dir={run_dir}", f"data.root={data_root}"])
     pretrain(cfg)

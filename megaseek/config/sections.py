@@ -1,0 +1,168 @@
+"""Typed config sections: each Hydra group a dataclass holding every default in one place.
+
+The dataclasses are registered in Hydra's ConfigStore as `<group>/schema`; conf/<group>/default.yaml
+extends its schema (and presets override values), so a key exists only where its dataclass declares it.
+`RunConfig.from_config(cfg)` turns a composed config into the typed sections; an unknown key is refused with
+one message naming it and the closest valid key (Hydra's own error for `group.key=` overrides of missing keys
+is preceded by the same check in the launch scripts: `check_overrides`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+from megaseek.config.schema import ConfigError
+from megaseek.model.config import ModelConfig, unknown_key_message
+
+
+@dataclass
+class SamplingSection:
+    """The end-of-run sample: readable and repetition-free by default."""
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    repetition_penalty: float = 1.3
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 150
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    seq_len: int = 128
+    save_interval: int = 1000        # the final step always saves
+    log_interval: int = 10
+    grad_clip: float = 1.0
+    activation_checkpointing: str = "none"   # none | full | selective (attention only)
+    eval_interval: int = 0           # 0: no periodic validation
+    eval_batches: int = 4
+    sample_tokens: int = 48          # sample printed at the end (0: none)
+    sample_prompt: str = "def "
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    ckpt_keep: int = 3               # keep the newest K checkpoints (0: all)
+    ckpt_native: bool = False        # also write DeepSpeed's own format (zero_to_fp32.py, DeepSpeed tools)
+    max_bad_steps: int = 3           # consecutive steps with non-finite loss/gradients before...
+    on_bad_steps: str = "rollback"   # ...rolling back to the newest checkpoint (rollback) or stopping (stop)
+    max_rollbacks: int = 2
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor and pipeline degree; data-parallel degree = world size / (tp * pp)."""
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    partition: str = "parameters"    # pipeline stages balanced by `parameters` or `uniform` layer counts
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO stage 0-3; offload targets `cpu` or `none` (param offload needs stage 3)."""
+    stage: int = 1
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1.0e-3
+    min_lr: float = 1.0e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1.0e-8
+    weight_decay: float = 0.01       # not applied to norms and biases
+    warmup_steps: int = 20           # linear warmup, then cosine decay to min_lr at decay_steps
+    decay_steps: Optional[int] = None  # null: train.steps
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"               # fp32 | bf16 | fp16
+    # fp16 dynamic loss scaling: initial 2^16, x2 after `loss_scale_window` clean steps, x0.5 on overflow
+    initial_scale_power: int = 16
+    loss_scale_window: int = 2000
+    hysteresis: int = 2
+    min_loss_scale: int = 1
+
+
+SCHEMAS = {"train": TrainConfig, "parallel": ParallelConfig, "zero": ZeroConfig, "optimizer": OptimizerConfig,
+           "precision": PrecisionConfig, "model": ModelConfig}
+
+
+def register() -> None:
+    """Make `<group>/schema` known to Hydra (idempotent; call before composing)."""
+    from hydra.core.config_store import ConfigStore
+    cs = ConfigStore.instance()
+    for group, cls in SCHEMAS.items():
+        cs.store(group=group, name="schema", node=cls)
+
+
+def _typed(cls, section: str, d: Mapping[str, Any]):
+    known = [f.name for f in fields(cls)]
+    unknown = [k for k in d if k not in known]
+    if unknown:
+        raise ConfigError(unknown_key_message(section, unknown, known))
+    kw = {}
+    for f in fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None) \
+                and isinstance(v, Mapping):
+            v = _typed(type(f.default_factory()), f"{section}.{f.name}", v)
+        kw[f.name] = v
+    return cls(**kw)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    train: TrainConfig
+    parallel: ParallelConfig
+    zero: ZeroConfig
+    optimizer: OptimizerConfig
+    precision: PrecisionConfig
+    seed: int = 1234
+    run_dir: Optional[str] = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "RunConfig":
+        from omegaconf import OmegaConf
+        d = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
+        out = {g: _typed(c, g, d.get(g) or {}) for g, c in SCHEMAS.items()}
+        return cls(**out, seed=int(d.get("seed", 1234)), run_dir=d.get("run_dir"))
+
+
+def known_keys(cfg) -> set:
+    """Every dotted key of a composed config (for `check_overrides`)."""
+    from omegaconf import OmegaConf
+    out = set()
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                out.add(prefix + str(k))
+                walk(v, prefix + str(k) + ".")
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return out
+
+
+def check_overrides(overrides: list[str], keys: set) -> None:
+    """Refuse `a.b=v` overrides (not `+a.b=`, `~a.b`, group selections or hydra.*) of keys that do not exist,
+    naming the closest valid key."""
+    import difflib
+    bad = []
+    for o in overrides:
+        if o.startswith(("+", "~", "-")) or "=" not in o:
+            continue
+        k = o.split("=", 1)[0]
+        if k.startswith("hydra.") or "." not in k or k in keys:
+            continue
+        close = difflib.get_close_matches(k, sorted(keys), n=1, cutoff=0.6)
+        bad.append(f"unknown key {k}" + (f" (did you mean {close[0]}?)" if close else ""))
+    if bad:
+        raise ConfigError("; ".join(bad))

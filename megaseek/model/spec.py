@@ -1,0 +1,31 @@
+"""The model spec: a block is an attention and an MLP chosen by the model config, each from a registry.
+
+    ATTENTION[cfg.attention](cfg, ctx, seed, out_std, rng)   -> (b, s|s/p, h) -> (b, s|s/p, h)
+    MLP[cfg.mlp](cfg, ctx, seed, out_std)                     -> (b, s|s/p, h) -> (b, s|s/p, h)
+
+Each sub-layer class also states its own counts from the config alone (no weights built), so parameter and
+FLOP counts (megaseek/model/flops.py), the planner and the pipeline partition follow whatever the spec holds:
+`num_params(cfg)` (matmul weights), and for attention `score_flops(cfg, s)` and `recompute_params(cfg)`.
+"""
+from __future__ import annotations
+
+from megaseek.model.attention import GQAAttention
+from megaseek.model.layers import SwiGLU
+
+ATTENTION = {"gqa": GQAAttention}
+MLP = {"swiglu": SwiGLU}
+
+
+def attention_cls(cfg):
+    return ATTENTION[cfg.attention]
+
+
+def mlp_cls(cfg):
+    return MLP[cfg.mlp]
+
+
+def layer_params(cfg) -> dict:
+    """Parameters of one block: matmul weights (attention + MLP) and the two norms."""
+    attn, mlp = attention_cls(cfg).num_params(cfg), mlp_cls(cfg).num_params(cfg)
+    return {"attention": attn, "mlp": mlp, "norms": 2 * cfg.hidden_size, "matmul": attn + mlp,
+            "total": attn + mlp + 2 * cfg.hidden_size}

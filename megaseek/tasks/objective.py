@@ -1,0 +1,48 @@
+"""The objective seam.
+
+A batch is a dict of (b, s) tensors: `input_ids`, `labels`, `loss_mask` (bool), `position_ids`, optional
+`document_ids` (packed documents / padding = -1); a pipeline stage's dict holds only what that stage reads.
+
+An objective turns the model output of a micro-batch and its batch into `LossParts`: the SUM of its loss over
+the micro-batch's valid units (tokens for language modelling), the number of those units, and metric sums.
+The step divides every micro-batch's sum by the GLOBAL count of valid units of the whole global batch (every
+micro-batch of every data-parallel rank), so
+
+    loss = sum_{ranks r, micro m} loss_sum_{r,m} / sum_{r,m} count_{r,m}
+
+exactly, whatever the masks, the accumulation, the data-parallel degree or the tensor degree.
+
+`count(batch)` must be computable from the batch alone (before the forward): the step all-reduces it over
+the data-parallel group first, so the denominator is known when each micro-batch is back-propagated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class LossParts:
+    loss_sum: torch.Tensor                 # scalar, differentiable: sum over this micro-batch's valid units
+    count: torch.Tensor                    # scalar: this micro-batch's valid units (= Objective.count)
+    metrics: dict = field(default_factory=dict)  # name -> scalar sums (reported divided by the global count)
+
+
+class Objective(Protocol):
+    name: str
+
+    def count(self, batch: dict) -> torch.Tensor:
+        """Valid units of a micro-batch (a scalar), from the batch alone."""
+
+    def __call__(self, model, output: torch.Tensor, batch: dict) -> LossParts:
+        """Loss parts of one micro-batch from the last stage's output (vocab-sharded logits (b, s, V_pad/p))."""
+
+
+def valid_tokens(batch: dict) -> torch.Tensor:
+    """(b, s) bool: a label to learn (label >= 0) that the loss mask keeps."""
+    labels = batch["labels"]
+    valid = labels >= 0
+    mask = batch.get("loss_mask")
+    return valid & mask.bool() if mask is not None else valid

@@ -1,0 +1,1 @@
+"""Hooks for tests only; nothing here is reachable from the run config."""
