@@ -2,7 +2,9 @@
 
 Builds (or finds up to date) the tiers raw -> cleaned -> tokenized under `data.root`, each with a
 manifest; `data.verify=true` re-hashes every tier against its manifest, `data.rebuild=[cleaned]`
-rebuilds a tier and the ones after it. Training (`launch/pretrain.py data=NAME`) reads the same tiers.
+rebuilds a tier and the ones after it, `data.engine=dask` runs the cleaning stage on Dask (a LocalCluster
+started here, or `data.dask.address` / `data.dask.scheduler_file` of a running one). Training
+(`launch/pretrain.py data=NAME`) reads the same tiers.
 """
 import sys
 

@@ -60,7 +60,7 @@ def test_tiers_manifests_report_and_tokens(tmp_path):
     cleaned = read_manifest(spec.tier_dir("cleaned"))
     assert cleaned["counts"] == {"text": {"docs_in": 8, "docs_out": 5}, "web": {"docs_in": 10, "docs_out": 3},
                                  "domain": {"docs_in": 4, "docs_out": 2}}
-    assert cleaned["config"]["web"]["clean"]["near_threshold"] == 0.8
+    assert cleaned["config"]["web"]["clean"]["near_threshold"] == 0.6
     rows = {o["source"]: o["docs"] for o in cleaned["outputs"]}
     assert rows == {"text": 5, "web": 3, "domain": 2}
     report = {s["source"]: s for s in json.loads((spec.tier_dir("cleaned") / "report.json").read_text())["sources"]}
@@ -80,7 +80,7 @@ def test_tiers_manifests_report_and_tokens(tmp_path):
     assert text["repaired_utf8"]["examples"][0].endswith("text/fixable.txt")
     assert report["domain"]["removed"]["null_text"]["docs"] == 1 and report["domain"]["removed"]["too_short"]
     # the CJK document survives cleaning: only NFKC touches it (full-width comma -> ',')
-    web_texts = pq.read_table(spec.tier_dir("cleaned") / "web" / "part-00000.parquet").column("text").to_pylist()
+    web_texts = pq.read_table(spec.tier_dir("cleaned") / "web" / "part-00000-000.parquet").column("text").to_pylist()
     assert unicodedata.normalize("NFKC", chinese(13)) in web_texts and "，" in chinese(13)
 
     index = json.loads((tok_dir / "index.json").read_text())
@@ -179,7 +179,8 @@ def test_json_lines_plain_gz_zst_and_workers_agree(tmp_path):
         prepare(spec, log=lambda m: None)
         m = read_manifest(spec.tier_dir("cleaned"))
         assert m["counts"]["w"] == {"docs_in": 31, "docs_out": 30}
-        texts.append(pq.read_table(spec.tier_dir("cleaned") / "w" / "part-00000.parquet").column("text").to_pylist())
+        part = spec.tier_dir("cleaned") / "w" / "part-00000-000.parquet"
+        texts.append(pq.read_table(part).column("text").to_pylist())
         digests.append(m["digest"])
     assert texts[0] == texts[1] == texts[2] == texts[3]     # same content from any compression
     assert digests[2] == digests[3]                         # byte-identical tier with 1 or 2 worker processes

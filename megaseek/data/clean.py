@@ -69,9 +69,12 @@ class CleanConfig:
     min_language_fraction: float = 0.5
     exact_dedup: bool = True
     near_dedup: bool = True
-    near_threshold: float = 0.8
+    near_threshold: float = 0.6
     num_perm: int = 128
-    shingle_ngram: int = 5
+    shingle_ngram: int = 3
+    lsh_bands: Optional[int] = None          # bands x rows <= num_perm; null: chosen from the threshold
+    lsh_rows: Optional[int] = None
+    max_pairs_per_member: int = 16           # candidate pairs per bucket member (its predecessors by ordinal)
 
     def checked(self) -> "CleanConfig":
         if self.normalize not in (None, "NFC", "NFKC", "NFD", "NFKD"):
@@ -82,6 +85,14 @@ class CleanConfig:
             raise ValueError(f"near_threshold={self.near_threshold} must be in (0, 1]")
         if self.num_perm < 16 or self.shingle_ngram < 1:
             raise ValueError(f"num_perm={self.num_perm} (>= 16) and shingle_ngram={self.shingle_ngram} (>= 1)")
+        if (self.lsh_bands is None) != (self.lsh_rows is None):
+            raise ValueError(f"lsh_bands={self.lsh_bands}, lsh_rows={self.lsh_rows}: give both or neither")
+        if self.lsh_bands is not None and (self.lsh_bands < 1 or self.lsh_rows < 1
+                                           or self.lsh_bands * self.lsh_rows > self.num_perm):
+            raise ValueError(f"lsh_bands={self.lsh_bands} x lsh_rows={self.lsh_rows} must be >= 1 each and at "
+                             f"most num_perm={self.num_perm}")
+        if self.max_pairs_per_member < 1:
+            raise ValueError(f"max_pairs_per_member={self.max_pairs_per_member} must be >= 1")
         self.max_top_ngram_fraction = {int(k): float(v) for k, v in (self.max_top_ngram_fraction or {}).items()}
         self.max_dup_ngram_fraction = {int(k): float(v) for k, v in (self.max_dup_ngram_fraction or {}).items()}
         bad = [x for x in self.languages if x not in LANGUAGE_SCRIPTS and x not in SCRIPTS]

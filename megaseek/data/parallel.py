@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterable, Iterator
 
 
-def _context():
+def pool_context():
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if main_file is not None and not os.path.isfile(main_file):
         return mp.get_context("fork")   # spawn would re-import a main module that is not a file
@@ -30,7 +30,7 @@ def ordered_map(fn: Callable, items: Iterable, workers: int, initializer: Callab
             yield fn(it)
         return
     window = window or 2 * workers + 2
-    with ProcessPoolExecutor(workers, mp_context=_context(), initializer=initializer, initargs=initargs) as pool:
+    with ProcessPoolExecutor(workers, mp_context=pool_context(), initializer=initializer, initargs=initargs) as pool:
         pending: deque = deque()
         try:
             for it in items:

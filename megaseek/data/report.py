@@ -55,6 +55,26 @@ class SourceReport:
         self.docs_out += 1
         self.bytes_out += nbytes_out
 
+    def state(self) -> dict:
+        """A JSON-able snapshot (one unit's share), merged back with `absorb`."""
+        return {"docs_in": self.docs_in, "bytes_in": self.bytes_in, "docs_out": self.docs_out,
+                "bytes_out": self.bytes_out, "removed": dict(self.removed), "removed_bytes": dict(self.removed_bytes),
+                "bad_examples": self.bad_examples, "repaired": self.repaired}
+
+    def absorb(self, st: dict) -> None:
+        """Add a later unit's share (units merged in order give the report of one pass over the source)."""
+        self.docs_in += st["docs_in"]
+        self.bytes_in += st["bytes_in"]
+        self.docs_out += st["docs_out"]
+        self.bytes_out += st["bytes_out"]
+        self.removed.update(st["removed"])
+        self.removed_bytes.update(st["removed_bytes"])
+        self.bad_examples.extend(st["bad_examples"][:MAX_EXAMPLES - len(self.bad_examples)])
+        r = st["repaired"]
+        self.repaired["docs"] += r["docs"]
+        self.repaired["bytes_removed"] += r["bytes_removed"]
+        self.repaired["examples"].extend(r["examples"][:MAX_EXAMPLES - len(self.repaired["examples"])])
+
     def steps(self) -> list:
         """A funnel: documents into and out of each step, in pipeline order."""
         groups: dict = {}

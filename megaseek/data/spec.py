@@ -16,6 +16,7 @@ from megaseek.data.clean import CleanConfig
 from megaseek.data.corpus import stdlib_root
 
 STDLIB = "@stdlib"
+ENGINES = ("local", "dask")
 TEXT_EXTS = (".txt", ".md", ".py")
 DATA_EXTS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 TIERS = ("raw", "cleaned", "tokenized")
@@ -64,6 +65,10 @@ class DataSpec:
     part_bytes: int
     verify: bool = False
     rebuild: tuple = ()
+    engine: str = "local"
+    unit_bytes: int = 4_000_000
+    dask_address: Optional[str] = None
+    dask_scheduler_file: Optional[str] = None
 
     @staticmethod
     def from_config(data: Mapping[str, Any], vocab_size: Optional[int] = None) -> "DataSpec":
@@ -96,6 +101,13 @@ class DataSpec:
         bad = [t for t in rebuild if t not in TIERS]
         if bad:
             raise ConfigError(f"data.rebuild={list(rebuild)}: unknown tier(s) {bad}; choose from {list(TIERS)}")
+        engine = str(d.get("engine") or "local")
+        if engine not in ENGINES:
+            raise ConfigError(f"data.engine={engine!r}: choose one of {list(ENGINES)}")
+        dask_cfg = d.get("dask") or {}
+        unknown = sorted(set(dask_cfg) - {"address", "scheduler_file"})
+        if unknown:
+            raise ConfigError(f"data.dask: unknown key(s) {unknown}; known keys: ['address', 'scheduler_file']")
         spec = DataSpec(
             name=name, root=Path(str(d.get("root") or "data")).expanduser().resolve(), sources=sources,
             tokenizer=TokenizerSpec(path=Path(str(tpath)).expanduser().resolve() if tpath else None,
@@ -103,7 +115,8 @@ class DataSpec:
             tokenizer_sample_bytes=int(d.get("tokenizer_sample_bytes") or 8_000_000), valid_fraction=vf,
             blend_window=int(d.get("blend_window") or 1000), workers=int(d.get("workers") or 0),
             part_bytes=int(d.get("part_bytes") or 64_000_000), verify=bool(d.get("verify", False)),
-            rebuild=rebuild)
+            rebuild=rebuild, engine=engine, unit_bytes=int(d.get("unit_bytes") or 4_000_000),
+            dask_address=dask_cfg.get("address") or None, dask_scheduler_file=dask_cfg.get("scheduler_file") or None)
         spec._check()
         return spec
 
@@ -118,6 +131,8 @@ class DataSpec:
                               f"({len(self.sources)}); use a window of at least that many samples")
         if self.part_bytes < 1:
             raise ConfigError(f"data.part_bytes={self.part_bytes} must be >= 1")
+        if self.unit_bytes < 1:
+            raise ConfigError(f"data.unit_bytes={self.unit_bytes} must be >= 1")
 
     @property
     def workers_resolved(self) -> int:

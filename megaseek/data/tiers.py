@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-PIPELINE_VERSION = 1      # bump when a stage's output for the same inputs and settings changes
+PIPELINE_VERSION = 2      # bump when a stage's output for the same inputs and settings changes
 MANIFEST = "manifest.json"
 
 
