@@ -8,6 +8,8 @@ started here, or `data.dask.address` / `data.dask.scheduler_file` of a running o
 """
 import sys
 
+import megaseek  # noqa: F401  (registers the config schemas the conf/ groups extend)
+
 
 import hydra
 from omegaconf import DictConfig

@@ -44,7 +44,7 @@ def _check(records, base, tol, n):
     assert max(diffs) < tol, diffs
     gn = [r["grad_norm"] for r in records]
     gd = [abs(a - b["grad_norm"]) / b["grad_norm"] for a, b in zip(gn, base)]
-    assert max(gd) < 100 * tol, gd  # the global gradient norm is layout-free too
+    assert max(gd) < 1e-4, gd  # the global gradient norm is layout-free too (correct code: ~2e-6 relative)
 
 
 def test_data_parallel_zero1_and_zero3_match_one_process(baseline, data_root, tmp_path):

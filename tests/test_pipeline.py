@@ -49,7 +49,7 @@ def _assert_same(records, base, tol=TOL):
     diffs = [abs(a - b) for a, b in zip(got, want)]
     assert max(diffs) < tol, diffs
     gd = [abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in zip(records, base)]
-    assert max(gd) < 10 * tol, gd
+    assert max(gd) < 1e-4, gd  # relative; counting a replicated weight twice moves it by ~4e-3
 
 
 def test_activation_checkpointing_changes_no_numbers(baselines):

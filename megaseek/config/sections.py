@@ -65,6 +65,9 @@ class ZeroConfig:
     overlap_comm: bool = False
     contiguous_gradients: bool = True
     reduce_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 0       # ZeRO-3: parameters below this many elements stay whole
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_max_live_parameters: int = 1_000_000_000
 
 
 @dataclass

@@ -96,5 +96,9 @@ def log0(*args, **kw):
 
 def quiet_startup() -> bool:
     """Call first in an entry script: selects DeepSpeed's CPU accelerator (when there is no GPU) before
-    anything imports DeepSpeed, which otherwise warns that it guessed one. Returns has_cuda."""
+    anything imports DeepSpeed, which otherwise warns that it guessed one, and silences the deprecation
+    warnings torch raises inside DeepSpeed's own collectives (nothing a user can act on). Returns has_cuda."""
+    import warnings
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
     return select_accelerator()

@@ -54,29 +54,38 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: torch.nn.Module, opt_cfg: Mapping[str, Any], offload: bool):
+def build_optimizer(model: torch.nn.Module, opt_cfg: Mapping[str, Any], offload: bool, zero_stage: int = 0):
+    """DeepSpeed's CPU Adam with optimizer offload; else torch AdamW (foreach). At ZeRO-0 DeepSpeed has no
+    overflow check in fp32, so the AdamW is our GuardedAdamW (same arithmetic, can skip a step); at ZeRO >= 1
+    DeepSpeed's ZeRO optimizer skips non-finite steps itself and gets the plain class it recognises."""
     groups = param_groups(model, float(opt_cfg["weight_decay"]))
     kw = dict(lr=float(opt_cfg["lr"]), betas=tuple(float(b) for b in opt_cfg["betas"]), eps=float(opt_cfg["eps"]))
     if offload:  # ZeRO-Offload steps on the CPU: DeepSpeed's vectorised CPU Adam (JIT-built once)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-    return GuardedAdamW(groups, foreach=True, **kw)
+    cls = GuardedAdamW if zero_stage == 0 else torch.optim.AdamW
+    return cls(groups, foreach=True, **kw)
 
 
 def build_scheduler(optimizer, opt_cfg: Mapping[str, Any], steps: int):
-    warmup = int(opt_cfg.get("warmup_steps", 0))
-    decay = int(opt_cfg.get("decay_steps") or steps)
-    min_ratio = float(opt_cfg.get("min_lr", 0.0)) / float(opt_cfg["lr"])
+    warmup = int(opt_cfg["warmup_steps"])
+    decay = int(opt_cfg["decay_steps"] or steps)
+    min_ratio = float(opt_cfg["min_lr"]) / float(opt_cfg["lr"])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, decay, min_ratio))
 
 
 def build_engine(model: torch.nn.Module, cfg: Mapping[str, Any], layout: Layout, groups: ParallelGroups):
     """Returns (engine, optimizer, scheduler, ds_config)."""
+    import dataclasses
+
     import deepspeed
+
+    from megaseek.config.sections import RunConfig
+    run = RunConfig.from_config(cfg)
     ds_cfg = deepspeed_config(cfg, layout)
-    offload = cfg["zero"].get("offload_optimizer", "none") == "cpu"
-    opt = build_optimizer(model, cfg["optimizer"], offload)
-    sched = build_scheduler(opt, cfg["optimizer"], int(cfg["train"]["steps"]))
+    opt_cfg = dataclasses.asdict(run.optimizer)
+    opt = build_optimizer(model, opt_cfg, run.zero.offload_optimizer == "cpu", run.zero.stage)
+    sched = build_scheduler(opt, opt_cfg, run.train.steps)
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg,
                                                  mpu=groups.mpu())
     return engine, opt, sched, ds_cfg
