@@ -2,6 +2,7 @@
 Node B is killed with kill -9 (agent and worker) mid-run; node A continues alone from the newest checkpoint at
 dp=1 with the same global batch (twice the accumulation); node B is started again, rejoins, and the run ends at
 dp=2. Every step's loss equals an uninterrupted one-process run."""
+import json
 import re
 import subprocess
 import time
@@ -16,7 +17,7 @@ from tests.helpers import REPO
 from tests.netns_support import BASE, REF_STEPS, losses_by_step, metrics, need_netns, reference_losses
 
 SAVE_EVERY = 2
-STALL_STEP, STALL_S = 8, 15  # node A, alone, stalls while saving step 8: the window in which node B rejoins
+STALL_STEP, STALL_S = 8, 20  # node A, alone, stalls while saving step 8: the window in which node B rejoins
 
 
 def test_layout_change_record():
@@ -60,12 +61,12 @@ def test_elastic_shrink_and_regrow(tmp_path, data_root):
     ref = reference_losses(data_root)
     run = tmp_path / "run"
     script = ["launch/pretrain.py", *BASE, f"data.root={data_root}", f"run_dir={run}", f"train.steps={REF_STEPS}",
-              f"train.save_interval={SAVE_EVERY}", "train.ckpt_keep=0", f"train.fault.save_sleep_step={STALL_STEP}",
-              f"train.fault.save_sleep_s={STALL_S}"]
+              f"train.save_interval={SAVE_EVERY}", "train.ckpt_keep=0"]
     log = {k: tmp_path / f"{k}.log" for k in ("a", "b1", "b2")}
     read = lambda k: log[k].read_text(errors="replace") if log[k].exists() else ""  # noqa: E731
     with NetnsCluster() as c:
         env = node_env(c)
+        env["MEGASEEK_FAULTS"] = json.dumps({"save_sleep_step": STALL_STEP, "save_sleep_s": STALL_S})
         cmd = [torchrun_cmd(c, i, 1, script, nnodes="1:2", rdzv_id="elastic", max_restarts=3,
                             rdzv_conf={"last_call_timeout": 5, "join_timeout": 150}) for i in range(2)]
         start = lambda i, k: c.popen(i, cmd[i], env=env, cwd=REPO, stdout=open(log[k], "w"),  # noqa: E731
