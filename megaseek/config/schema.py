@@ -70,10 +70,14 @@ def validate(cfg: Mapping, world_size: int, has_cuda: Optional[bool] = None) -> 
     if has_cuda is None:
         import torch
         has_cuda = torch.cuda.is_available()
+    from megaseek.config.sections import RunConfig
+    RunConfig.from_config(cfg)  # unknown keys (e.g. `+train.stpes=3`) refused, naming the closest valid one
     layout = resolve_layout(cfg, world_size)
 
     try:
+        from megaseek.model.spec import check
         mcfg = ModelConfig.from_dict(dict(_get(cfg, "model")))
+        check(mcfg)
         mcfg.validate(layout.tp)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -54,15 +54,10 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
     def validate(self, tp: int = 1) -> None:
-        """Raise one ValueError naming the field when the shape cannot work at tensor degree `tp`."""
-        from megaseek.model.spec import ATTENTION, MLP
-
+        """Raise one ValueError naming the field when the shape cannot work at tensor degree `tp` (the sub-layer
+        names are checked against the registries by megaseek.model.spec.check)."""
         def bad(msg):
             raise ValueError(f"model config '{self.name}': {msg}")
-        if self.attention not in ATTENTION:
-            bad(f"model.attention={self.attention!r}: choose one of {sorted(ATTENTION)}")
-        if self.mlp not in MLP:
-            bad(f"model.mlp={self.mlp!r}: choose one of {sorted(MLP)}")
         for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                   "max_seq_len"):
             if getattr(self, k) < 1:

@@ -25,7 +25,7 @@ from megaseek.model.attention import attention_mask
 from megaseek.model.cache import KVCache
 from megaseek.model.config import ModelConfig
 from megaseek.model.layers import RMSNorm, rope_at, rope_tables, scaled_out_std
-from megaseek.model.spec import attention_cls, mlp_cls
+from megaseek.model.spec import attention_cls, check, mlp_cls
 from megaseek.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaseek.tensor_parallel.layers import (ColumnParallelLinear, TPContext, VocabParallelEmbedding,
                                              mask_padded_logits, padded_vocab_size)
@@ -88,6 +88,7 @@ class Decoder(nn.Module):
                  first_layer: int = 0, last_layer: Optional[int] = None, pre: bool = True, post: bool = True):
         super().__init__()
         ctx = ctx or TPContext()
+        check(cfg)
         cfg.validate(ctx.size)
         if checkpointing not in CHECKPOINT_MODES:
             raise ValueError(f"train.activation_checkpointing={checkpointing!r}; choose one of {CHECKPOINT_MODES}")

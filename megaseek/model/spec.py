@@ -16,6 +16,14 @@ ATTENTION = {"gqa": GQAAttention}
 MLP = {"swiglu": SwiGLU}
 
 
+def check(cfg) -> None:
+    """One ValueError naming the field when the config names a sub-layer the spec does not have."""
+    if cfg.attention not in ATTENTION:
+        raise ValueError(f"model config '{cfg.name}': model.attention={cfg.attention!r}: choose one of {sorted(ATTENTION)}")
+    if cfg.mlp not in MLP:
+        raise ValueError(f"model config '{cfg.name}': model.mlp={cfg.mlp!r}: choose one of {sorted(MLP)}")
+
+
 def attention_cls(cfg):
     return ATTENTION[cfg.attention]
 

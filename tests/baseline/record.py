@@ -2,9 +2,12 @@
 
     python tests/baseline/record.py [out.json]
 
-The numbers in tests/baseline/default_20_steps.json were recorded with this script on the code
-*before* the training-loop redesign (issue "One training loop for every objective"); the test
-tests/test_baseline.py reruns it and asserts the redesign reproduced them.
+The numbers in tests/baseline/default_20_steps.json were recorded with this script on the training loop
+*before* the redesign (issue "One training loop for every objective": commit e4577d6) reading the default
+data as prepared by the data package of commit 2967f60 (whose near-duplicate defaults changed the default
+corpus), i.e. `git worktree add W e4577d6`, `git archive 2967f60 megaseek/data conf/data | tar -x -C W`, then
+`python W/tests/baseline/record.py`. tests/test_baseline.py reruns it on today's loop and asserts that the
+redesign reproduced them. If the default data or model changes, record again.
 """
 from __future__ import annotations
 
