@@ -1,0 +1,65 @@
+"""ONNX export of the trained small model: ONNX Runtime logits equal PyTorch's within 1e-4 at three shapes
+including (1, 1) and one longer than the export example; the graph's inputs are symbolic; the ORT int8 file is
+<= 0.55x the fp32 one; the TensorRT script skips cleanly here and its dry run's profiles name the ONNX inputs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+from tests.test_quant import trained_checkpoint
+
+
+@pytest.fixture(scope="module")
+def exported(data_root, tmp_path_factory):
+    ckpt = trained_checkpoint(data_root, tmp_path_factory.getbasetemp() / "quant_model")
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    p = subprocess.run([sys.executable, str(REPO / "launch" / "export_onnx.py"), f"checkpoint={ckpt}", f"out={out}",
+                        "quantized=int8"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return ckpt, out, json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_onnx_matches_pytorch(exported):
+    from megaseek.ckpt.hf import load_model
+    from megaseek.export.onnx import check_shapes, graph_inputs, ort_session
+    ckpt, out, rep = exported
+    assert rep["max_abs_diff"] <= 1e-4
+    assert graph_inputs(out) == {"input_ids": ["batch", "seq"]}  # symbolic, not the example's (2, 16)
+    model, cfg = load_model(ckpt)
+    shapes = [(1, 1), (3, 7), (2, cfg.max_seq_len)]  # the last is longer than the export example (16)
+    diff = check_shapes(model, ort_session(out), shapes, seed=3)
+    print(f"[onnx] max abs logit diff vs PyTorch over {shapes}: {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_onnx_int8_size(exported):
+    import os
+    _, out, rep = exported
+    q = rep["int8"]["path"]
+    ratio = os.path.getsize(q) / os.path.getsize(out)
+    print(f"[onnx] int8 / fp32 file size {ratio:.3f}, int8 logit diff {rep['int8']['max_abs_diff']:.3f}")
+    assert ratio <= 0.55
+
+
+def test_build_trt_skips_and_dry_run(exported):
+    from megaseek.export.onnx import graph_inputs
+    _, out, _ = exported
+    p = subprocess.run([sys.executable, str(REPO / "launch" / "build_trt.py"), f"onnx={out}"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr
+    if "SKIP" not in p.stdout:
+        pytest.skip("TensorRT and CUDA are present: the engine was built")
+    assert p.stdout.strip().splitlines()[-1].startswith("SKIP: ")
+    d = subprocess.run([sys.executable, str(REPO / "launch" / "build_trt.py"), f"onnx={out}", "dry_run=true",
+                        "max_batch=8", "max_seq=64"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert d.returncode == 0, d.stderr
+    prof = json.loads(d.stdout.strip().splitlines()[-1])["profiles"]
+    assert set(prof) == set(graph_inputs(out)) == {"input_ids"}
+    assert prof["input_ids"] == {"min": [1, 1], "opt": [1, 32], "max": [8, 64]}
+    bad = subprocess.run([sys.executable, str(REPO / "launch" / "build_trt.py"), "onnx=/nonexistent.onnx"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert bad.returncode == 2 and "/nonexistent.onnx" in bad.stderr
