@@ -4,6 +4,7 @@ node, dp=2 across) equal to one process; no tensor-parallel group spans two node
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -126,3 +127,15 @@ def test_two_nodes_equal_one_process(tmp_path, data_root, launcher):
     assert max(diffs) < 1e-4, list(zip(sorted(got), diffs))
     assert got[10] < got[1] - 0.3  # it trained
     assert os.path.isdir(run / "checkpoints" / "global_step10")
+
+
+def test_netns_cluster_script(tmp_path):
+    """launch/netns_cluster.py end to end: both nodes' output prefixed, exit 0, nothing left behind."""
+    need_netns()
+    out = tmp_path / "probe.json"
+    p = subprocess.run([sys.executable, "launch/netns_cluster.py", "--launcher", "torchrun", "--timeout", "200", "--",
+                        PROBE, str(out), "2", "+cluster=netns_2x2"], cwd=REPO, capture_output=True, text=True,
+                       timeout=260)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "[node0] " in p.stdout and "[node1] " in p.stdout and "namespaces left: none" in p.stdout
+    assert [r["tp_group"] for r in json.loads(out.read_text())] == [[0, 1], [0, 1], [2, 3], [2, 3]]

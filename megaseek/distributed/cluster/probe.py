@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirna
 
 
 def main(argv):
-    args = [a for a in argv if not a.startswith("--local_rank")]
+    args = [a for a in argv if not a.startswith("--local_rank") and "=" not in a]  # launcher / Hydra args
     out, tp, pp = args[0], int(args[1]), int(args[2]) if len(args) > 2 else 1
     import torch.distributed as dist
     from megaseek.distributed.groups import ParallelGroups
