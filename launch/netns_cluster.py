@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from megaseek.distributed.cluster import NetnsCluster, available, run_nodes
 
-from megaseek.distributed.cluster import NetnsCluster, available, run_nodes  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def preset_of(script_args: list[str]) -> dict:
