@@ -1,7 +1,8 @@
 """Plot a run: `python launch/plot.py run_dir=DIR [out=FILE.png]`.
 
 Reads DIR/metrics.jsonl (and DIR/system/rank*.jsonl) and writes loss, throughput, MFU/HFU, step-time,
-learning-rate and per-rank memory/CPU curves to one PNG (default DIR/metrics.png)."""
+learning-rate and per-rank memory/CPU curves to one PNG (default DIR/metrics.png); records with downstream
+scores (`eval/<task>/acc`..., from train.eval_tasks) add a row: the scores and the batch-1 latency against tokens seen."""
 import os
 import sys
 

@@ -1,5 +1,7 @@
 """Curves of a run from its JSONL files, to one PNG: loss (train and validation), throughput, MFU / HFU,
-where a step's time goes, learning rate and gradient norm, and each rank's memory and CPU."""
+where a step's time goes, learning rate and gradient norm, and each rank's memory and CPU; when the records hold
+downstream scores (`eval/<task>/<metric>`, megaseek/eval) a last row draws them and the batch-1 latency against
+tokens seen."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,6 +27,37 @@ def _line(ax, recs, key, label=None, scale=1.0, **kw) -> bool:
     return bool(xs)
 
 
+SCORE_METRICS = ("acc", "acc_norm", "acc_mutual_info", "exact_match")
+LATENCY = (("eval/latency/ttft_s", "time to first token"), ("eval/latency/decode_p50_s", "decode p50"),
+           ("eval/latency/decode_p95_s", "decode p95"))
+
+
+def score_keys(recs: list[dict]) -> list[str]:
+    """The `eval/<task>/<metric>` keys of downstream scores in the records, sorted."""
+    return sorted({k for r in recs for k in r if k.startswith("eval/") and k.count("/") == 2
+                   and k.rsplit("/", 1)[1] in SCORE_METRICS and not k.startswith("eval/latency/")})
+
+
+def plot_scores(a_score, a_lat, recs: list[dict]) -> None:
+    """Downstream scores (left) and latency in ms (right) against tokens seen (`tokens_seen`, else step)."""
+    x = "tokens_seen" if any("tokens_seen" in r for r in recs) else "step"
+    for key in score_keys(recs):
+        pts = [(r[x], r[key]) for r in recs if isinstance(r.get(key), (int, float)) and x in r]
+        if pts:
+            a_score.plot(*zip(*pts), marker="o", label=key[len("eval/"):])
+    a_score.axhline(0.25, color="grey", linestyle=":", linewidth=1, label="chance of 4 choices")
+    a_score.set_title("downstream scores")
+    a_score.set_ylabel("score")
+    for key, label in LATENCY:
+        pts = [(r[x], r[key] * 1000) for r in recs if isinstance(r.get(key), (int, float)) and x in r]
+        if pts:
+            a_lat.plot(*zip(*pts), marker="o", label=label)
+    a_lat.set_title("inference latency, batch 1")
+    a_lat.set_ylabel("ms")
+    for ax in (a_score, a_lat):
+        ax.set_xlabel(x.replace("_", " "))
+
+
 def rank_records(run_dir: Path) -> dict[int, list[dict]]:
     out = {}
     for f in sorted(Path(run_dir, "system").glob("rank*.jsonl")):
@@ -45,8 +78,9 @@ def plot_run(run_dir: Path, out: Optional[Path] = None, dpi: int = 110) -> Path:
     if not recs:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no records")
     out = Path(out) if out else run_dir / "metrics.png"
-    fig, axes = plt.subplots(3, 2, figsize=(13, 11), constrained_layout=True)
-    (a_loss, a_tps), (a_mfu, a_time), (a_lr, a_sys) = axes
+    scores = bool(score_keys(recs))
+    fig, axes = plt.subplots(3 + scores, 2, figsize=(13, 11 + 3.7 * scores), constrained_layout=True)
+    (a_loss, a_tps), (a_mfu, a_time), (a_lr, a_sys) = axes[:3]
     fig.suptitle(f"{run_dir.name}: {len(recs)} log steps, last step {recs[-1].get('step')}")
 
     _line(a_loss, recs, "loss", "train loss")
@@ -97,8 +131,11 @@ def plot_run(run_dir: Path, out: Optional[Path] = None, dpi: int = 110) -> Path:
     tw.legend(loc="lower right", fontsize="small")
     a_sys.set_title("memory and CPU per rank")
 
-    for ax in axes.flat:
+    for ax in axes[:3].flat:
         ax.set_xlabel("step")
+    if scores:
+        plot_scores(*axes[3], recs)
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper left", fontsize="small")
