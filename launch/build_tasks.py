@@ -5,11 +5,9 @@
 Writes into megaseek/eval/tasks/ by default (the committed copy); prints the manifest's counts as one JSON line.
 """
 import json
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list[str]) -> int:

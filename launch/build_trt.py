@@ -11,7 +11,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 OPTIONAL = ("out", "max_batch", "opt_batch", "max_seq", "opt_seq", "precision", "dry_run")
 

@@ -19,7 +19,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 OPTIONAL = ("text_file", "seq_len", "tasks", "tasks_path", "limit", "batch_size", "samples_dir")
 

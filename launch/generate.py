@@ -15,7 +15,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 REQUIRED = ("checkpoint", "prompts", "out")
 OPTIONAL = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_size")

@@ -6,7 +6,6 @@ scores (`eval/<task>/acc`..., from train.eval_tasks) add a row: the scores and t
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list[str]) -> int:

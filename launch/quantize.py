@@ -12,10 +12,8 @@ with megaseek.quant.load_quantized. Prints one JSON line (the report without the
 out/quant.json). Bad input exits with code 2 and one message.
 """
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 OPTIONAL = ("method", "bits", "group_size", "out", "calib_windows", "seq_len", "calib_file", "eval_file",
             "act_order", "damp", "seed", "overwrite")
