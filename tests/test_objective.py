@@ -1,6 +1,5 @@
 """The objective seam: masked next-token loss, the vocab-parallel cross-entropy's mask and max subtraction,
 packed documents and left padding. Single process and 2-process gloo worlds (tp=2)."""
-import pytest
 import torch
 import torch.nn.functional as F
 

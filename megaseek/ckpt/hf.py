@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -157,20 +155,13 @@ def export_hf(ckpt_dir: str | Path, out: str | Path, overwrite: bool = False) ->
     cfg = model_config(ckpt)
     w = checked_weights(ckpt, cfg)
     from safetensors.torch import save_file
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with C.staged_dir(out) as tmp:
         eos, pad = _write_tokenizer(ckpt, tmp, cfg.max_seq_len)
         save_file({hf_name(n, cfg): t.contiguous() for n, t in w.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, eos, pad), indent=1))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad}, indent=1))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -18,8 +18,9 @@ def refuse_unknown_overrides(argv: list[str], conf_dir: Path = CONF) -> None:
 
     from megaseek.config.schema import ConfigError
     from megaseek.config.sections import check_overrides, known_keys
-    plain = [o for o in overrides if not o.startswith(("+", "~")) and "." in o.split("=", 1)[0]
-             and not o.startswith("hydra.")]
+    def is_group(key: str) -> bool:
+        return "." not in key and (conf_dir / key).is_dir()
+    plain = [o for o in overrides if not o.startswith(("+", "~", "hydra.")) and not is_group(o.split("=", 1)[0])]
     groups = [o for o in overrides if o not in plain and not o.startswith("hydra.")]
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):

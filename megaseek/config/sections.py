@@ -163,7 +163,7 @@ def check_overrides(overrides: list[str], keys: set) -> None:
         if o.startswith(("+", "~", "-")) or "=" not in o:
             continue
         k = o.split("=", 1)[0]
-        if k.startswith("hydra.") or "." not in k or k in keys:
+        if k.startswith("hydra.") or k in keys:  # group selections (`model=small`) are keys too
             continue
         close = difflib.get_close_matches(k, sorted(keys), n=1, cutoff=0.6)
         bad.append(f"unknown key {k}" + (f" (did you mean {close[0]}?)" if close else ""))

@@ -110,8 +110,7 @@ class StepRunner:
         batches = [_to(b, self.device) for b in batches]
         last = self.stage.last
         n_global = self._global_count(batches) if last else 0.0
-        scale = m * self.groups.dp.size / max(n_global, 1.0)  # = 1 / (micro_batch * seq_len) when all valid
-        denom = max(n_global, 1.0) / (m * self.groups.dp.size)
+        denom = max(n_global, 1.0) / (m * self.groups.dp.size)  # = micro_batch * seq_len when all valid
         local_loss, metric_sums = 0.0, {}
         t_data = time.perf_counter() - t0
 
@@ -126,7 +125,7 @@ class StepRunner:
                 loss = loss_hook(loss)
             local_loss += float(loss.detach()) / m
             for k, v in parts.metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * scale / m
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v) / denom / m  # -> sum / N after the dp mean
             return loss
 
         self._grad_norm = None

@@ -201,8 +201,3 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, pi
         model.train(was)
     return out
 
-
-def greedy_generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """(b, s + new_tokens) ids: greedy continuation of equal-length prompts (a convenience over `generate`)."""
-    new = generate(model, ids.tolist(), SamplingConfig(max_new_tokens=new_tokens))
-    return torch.cat([ids, torch.tensor(new, dtype=torch.long, device=ids.device)], dim=1)

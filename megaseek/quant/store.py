@@ -15,9 +15,7 @@ reads a quantized directory as it reads any checkpoint; `load_quantized` rebuild
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -52,9 +50,7 @@ def write_checkpoint(out: str | Path, model: nn.Module, src: Optional[Path] = No
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out}: output exists and is not an empty directory (pass overwrite=true)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with C.staged_dir(out) as tmp:
         weights = canonical_state(model)
         save_file(weights, str(tmp / "weights-stage0.safetensors"), metadata={"format": C.FORMAT})
         if src is not None:
@@ -80,14 +76,9 @@ def write_checkpoint(out: str | Path, model: nn.Module, src: Optional[Path] = No
         files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": C.sha256(f)}
                  for f in sorted(tmp.rglob("*")) if f.is_file()}
         C.write_json_atomic(tmp / "manifest.json", {
-            "layout": {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}, "model": dict(vars(model.cfg)),
+            "layout": {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}, "model": model.cfg.to_dict(),
             "tensors": {n: "weights-stage0.safetensors" for n in weights}, "format": C.FORMAT, "step": step,
             "files": files})
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

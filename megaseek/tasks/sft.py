@@ -12,6 +12,8 @@ count, so every supervised token of the global batch weighs the same whatever th
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from megaseek.tasks.pretrain import NextTokenObjective
@@ -44,7 +46,7 @@ def grow_vocab(weights: dict, old_vocab: int, new_vocab: int) -> dict:
     return out
 
 
-def write_checkpoint(run_dir, step: int, cfg, weights: dict, tokenizer) -> "Path":
+def write_checkpoint(run_dir, step: int, cfg, weights: dict, tokenizer) -> Path:
     """A single-stage megaseek checkpoint (weights at tp = 1 + tokenizer.json + manifest) that
     launch/generate.py, launch/evaluate.py and launch/export_hf.py read; no optimizer state (an init point)."""
     from pathlib import Path
