@@ -180,6 +180,18 @@ def test_launch_refuses_an_unknown_key_before_building_anything(tmp_path):
     assert r.returncode == 2 and "did you mean train.steps?" in r.stderr, r.stderr
 
 
+def test_launch_check_passes_group_paths_and_refuses_a_top_level_typo(capsys):
+    """Group selections (`model=small`, `hydra/launcher=submitit_slurm`) and hydra.* pass to Hydra untouched;
+    a misspelt top-level key (`seeed=3`) exits 2 naming `seed`."""
+    from megaseek.config.launch import refuse_unknown_overrides
+    refuse_unknown_overrides(["-m", "model=small", "hydra/launcher=submitit_slurm", "hydra.launcher.nodes=2",
+                              "++hydra.job.env_set.RANK=0", "train.steps=3", "seed=1"])
+    with pytest.raises(SystemExit) as e:
+        refuse_unknown_overrides(["hydra/launcher=submitit_slurm", "seeed=3"])
+    assert e.value.code == 2
+    assert "unknown key seeed (did you mean seed?)" in capsys.readouterr().err
+
+
 # --- CheckpointManager: save / load round trip on a real DeepSpeed engine ----------------------------------
 
 CK_CFG = SMALL_MODEL + ["model.num_layers=2", "zero.stage=0", "precision=fp32", "train.micro_batch_size=2",

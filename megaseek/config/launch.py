@@ -18,10 +18,11 @@ def refuse_unknown_overrides(argv: list[str], conf_dir: Path = CONF) -> None:
 
     from megaseek.config.schema import ConfigError
     from megaseek.config.sections import check_overrides, known_keys
-    def is_group(key: str) -> bool:
-        return "." not in key and (conf_dir / key).is_dir()
-    plain = [o for o in overrides if not o.startswith(("+", "~", "hydra.")) and not is_group(o.split("=", 1)[0])]
-    groups = [o for o in overrides if o not in plain and not o.startswith("hydra.")]
+    def is_group(key: str) -> bool:  # `model=small`, or a group path such as `hydra/launcher=submitit_slurm`
+        return "/" in key or ("." not in key and (conf_dir / key).is_dir())
+    hydra_own = ("hydra.", "hydra/")
+    plain = [o for o in overrides if not o.startswith(("+", "~") + hydra_own) and not is_group(o.split("=", 1)[0])]
+    groups = [o for o in overrides if o not in plain and not o.startswith(hydra_own)]
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             cfg = compose(config_name="config", overrides=[g for g in groups if "," not in g])
