@@ -1,6 +1,8 @@
 """KV cache for decoding: per layer, this rank's keys and values of every token seen so far.
 
-Preallocated (b, nkv_local, max_len, d) per layer; `length` tokens are filled. Document ids of the cached
+Preallocated (b, nkv_local, max_len, d) per layer; `length` tokens are filled. Multi-head latent attention
+(megaseek/model/mla.py) stores its latent instead: c_kv (b, 1, max_len, r) in the key slot and the shared
+rotated key k_r (b, 1, max_len, d_r) in the value slot, r + d_r values per token per layer. Document ids of the cached
 tokens (b, max_len) ride along so new queries are masked against them (padding = -1). One cache per pipeline
 stage, holding that stage's layers.
 """
@@ -20,9 +22,8 @@ class LayerCache:
         if L + s > o.max_len:
             raise ValueError(f"KV cache full: {L} + {s} tokens > max_len {o.max_len}")
         if o.k[self.index] is None:
-            b, n, _, d = k.shape
-            o.k[self.index] = k.new_zeros(b, n, o.max_len, d)
-            o.v[self.index] = v.new_zeros(b, n, o.max_len, d)
+            o.k[self.index] = k.new_zeros(k.shape[0], k.shape[1], o.max_len, k.shape[3])
+            o.v[self.index] = v.new_zeros(v.shape[0], v.shape[1], o.max_len, v.shape[3])
         kc, vc = o.k[self.index], o.v[self.index]
         kc[:, :, L:L + s] = k
         vc[:, :, L:L + s] = v
@@ -51,6 +52,8 @@ class KVCache:
         self.length += s
 
     def values_per_token(self) -> int:
-        """Cached values per token per layer on this rank (k and v: 2 nkv_local d)."""
-        t = next((k for k in self.k if k is not None), None)
-        return 0 if t is None else 2 * t.shape[1] * t.shape[3]
+        """Cached values per token per layer on this rank (k and v: 2 nkv_local d; MLA's latent: r + d_r)."""
+        i = next((i for i, k in enumerate(self.k) if k is not None), None)
+        if i is None:
+            return 0
+        return self.k[i].shape[1] * self.k[i].shape[3] + self.v[i].shape[1] * self.v[i].shape[3]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 
 def unknown_key_message(section: str, unknown: list[str], known: list[str]) -> str:
@@ -37,6 +37,12 @@ class ModelConfig:
     pad_vocab_multiple: int = 1
     attention: str = "gqa"   # the block's attention (megaseek/model/spec.py ATTENTION)
     mlp: str = "swiglu"      # the block's MLP (megaseek/model/spec.py MLP)
+    # Multi-head latent attention (attention: mla; megaseek/model/mla.py); unused by gqa
+    q_lora_rank: Optional[int] = None  # null: a plain q_proj
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -53,6 +59,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def rope_dim(self) -> int:
+        """Width of the rotary embedding: qk_rope_head_dim under MLA, the head dim otherwise."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
     def validate(self, tp: int = 1) -> None:
         """Raise one ValueError naming the field when the shape cannot work at tensor degree `tp` (the sub-layer
         names are checked against the registries by megaseek.model.spec.check)."""
@@ -62,9 +73,11 @@ class ModelConfig:
                   "max_seq_len"):
             if getattr(self, k) < 1:
                 bad(f"model.{k} must be >= 1, got {getattr(self, k)}")
-        if self.hidden_size % self.num_heads:
+        if self.attention == "mla":
+            self._validate_mla(bad)
+        elif self.hidden_size % self.num_heads:
             bad(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
-        if self.head_dim % 2:
+        elif self.head_dim % 2:
             bad(f"head dim {self.head_dim} must be even for rotary embeddings")
         if self.num_heads % self.num_kv_heads:
             bad(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
@@ -76,3 +89,15 @@ class ModelConfig:
             bad(f"model.intermediate_size={self.intermediate_size} is not divisible by parallel.tp={tp}")
         if not 0.0 <= self.dropout < 1.0:
             bad(f"model.dropout={self.dropout} must be in [0, 1)")
+
+    def _validate_mla(self, bad) -> None:
+        for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, k) < 1:
+                bad(f"model.{k} must be >= 1 with model.attention=mla, got {getattr(self, k)}")
+        if self.q_lora_rank is not None and self.q_lora_rank < 1:
+            bad(f"model.q_lora_rank={self.q_lora_rank} must be >= 1, or null for a plain q_proj")
+        if self.qk_rope_head_dim % 2:
+            bad(f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even for rotary embeddings")
+        if self.num_kv_heads != self.num_heads:
+            bad(f"model.num_kv_heads={self.num_kv_heads} must equal model.num_heads={self.num_heads} with "
+                f"model.attention=mla (every head has its own key; set model.num_kv_heads={self.num_heads})")

@@ -109,7 +109,7 @@ class Decoder(nn.Module):
         if post and not cfg.tie_embeddings:
             self.lm_head = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab, ctx, std=cfg.init_std,
                                                 seed=seed + 7, valid_out=cfg.vocab_size)
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.rope_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (s_max, d)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -5,14 +5,16 @@
 
 Each sub-layer class also states its own counts from the config alone (no weights built), so parameter and
 FLOP counts (megaseek/model/flops.py), the planner and the pipeline partition follow whatever the spec holds:
-`num_params(cfg)` (matmul weights), and for attention `score_flops(cfg, s)` and `recompute_params(cfg)`.
+`num_params(cfg)` (matmul weights), and for attention `score_flops(cfg, s)` and `recompute_params(cfg)`; a
+sub-layer with norms of its own (MLA's latent norms) states them in `norm_params(cfg)`.
 """
 from __future__ import annotations
 
 from megaseek.model.attention import GQAAttention
 from megaseek.model.layers import SwiGLU
+from megaseek.model.mla import MLAttention
 
-ATTENTION = {"gqa": GQAAttention}
+ATTENTION = {"gqa": GQAAttention, "mla": MLAttention}
 MLP = {"swiglu": SwiGLU}
 
 
@@ -33,7 +35,8 @@ def mlp_cls(cfg):
 
 
 def layer_params(cfg) -> dict:
-    """Parameters of one block: matmul weights (attention + MLP) and the two norms."""
+    """Parameters of one block: matmul weights (attention + MLP), the two norms and the sub-layers' own norms."""
     attn, mlp = attention_cls(cfg).num_params(cfg), mlp_cls(cfg).num_params(cfg)
-    return {"attention": attn, "mlp": mlp, "norms": 2 * cfg.hidden_size, "matmul": attn + mlp,
-            "total": attn + mlp + 2 * cfg.hidden_size}
+    norms = 2 * cfg.hidden_size + sum(getattr(c, "norm_params", lambda _: 0)(cfg)
+                                      for c in (attention_cls(cfg), mlp_cls(cfg)))
+    return {"attention": attn, "mlp": mlp, "norms": norms, "matmul": attn + mlp, "total": attn + mlp + norms}
