@@ -37,6 +37,22 @@ class ModelConfig:
     pad_vocab_multiple: int = 1
     attention: str = "gqa"   # the block's attention (megaseek/model/spec.py ATTENTION)
     mlp: str = "swiglu"      # the block's MLP (megaseek/model/spec.py MLP)
+    # DeepSeekMoE (mlp: moe; megaseek/model/moe/); unused by swiglu
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1          # one SwiGLU of moe_intermediate_size * n_shared_experts
+    num_experts_per_tok: int = 2       # top-k
+    moe_intermediate_size: int = 128   # each expert's SwiGLU width
+    n_group: int = 1                   # group-limited routing: experts in n_group groups, tokens pick topk_group
+    topk_group: int = 1
+    group_score: str = "top2_sum"      # a group's score: top2_sum (DeepSeek-V3) | max (V2)
+    norm_topk_prob: bool = True        # renormalise the k gate weights to sum 1
+    routed_scaling_factor: float = 1.0
+    scoring_func: str = "sigmoid"      # sigmoid (V3) | softmax (V2)
+    first_k_dense_replace: int = 0     # layers [0, k) keep the dense SwiGLU of intermediate_size
+    balance: str = "aux_free"          # aux_free (bias) | seq_aux (sequence-wise loss) | aux (batch loss) | none
+    bias_update_rate: float = 1.0e-3   # aux_free: b += rate * sign(mean load - load) once per global batch
+    aux_loss_coef: float = 1.0e-3      # alpha of the seq_aux / aux balance loss
+    capacity_factor: Optional[float] = None  # null: dropless; else each expert takes ceil(cf * T k / E) per batch
     # Multi-head latent attention (attention: mla; megaseek/model/mla.py); unused by gqa
     q_lora_rank: Optional[int] = None  # null: a plain q_proj
     kv_lora_rank: int = 64
@@ -89,6 +105,8 @@ class ModelConfig:
             bad(f"model.intermediate_size={self.intermediate_size} is not divisible by parallel.tp={tp}")
         if not 0.0 <= self.dropout < 1.0:
             bad(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.mlp == "moe":
+            self._validate_moe(bad, tp)
 
     def _validate_mla(self, bad) -> None:
         for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
@@ -101,3 +119,36 @@ class ModelConfig:
         if self.num_kv_heads != self.num_heads:
             bad(f"model.num_kv_heads={self.num_kv_heads} must equal model.num_heads={self.num_heads} with "
                 f"model.attention=mla (every head has its own key; set model.num_kv_heads={self.num_heads})")
+
+    def _validate_moe(self, bad, tp: int) -> None:
+        for k in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"):
+            if getattr(self, k) < 1:
+                bad(f"model.{k} must be >= 1 with model.mlp=moe, got {getattr(self, k)}")
+        e, g, k = self.n_routed_experts, self.n_group, self.num_experts_per_tok
+        if k > e:
+            bad(f"model.num_experts_per_tok={k} exceeds model.n_routed_experts={e}")
+        if e % g:
+            bad(f"model.n_routed_experts={e} is not divisible by model.n_group={g}")
+        if self.topk_group > g:
+            bad(f"model.topk_group={self.topk_group} exceeds model.n_group={g}")
+        if g > 1 and self.group_score == "top2_sum" and e // g < 2:
+            bad(f"model.group_score=top2_sum needs >= 2 experts per group (n_routed_experts / n_group = {e // g})")
+        if g > 1 and k > self.topk_group * (e // g):
+            bad(f"model.num_experts_per_tok={k} exceeds the experts of model.topk_group={self.topk_group} groups "
+                f"({self.topk_group * (e // g)})")
+        choices = {"scoring_func": ("sigmoid", "softmax"), "group_score": ("top2_sum", "max"),
+                   "balance": ("aux_free", "seq_aux", "aux", "none")}
+        for key, ok in choices.items():
+            if getattr(self, key) not in ok:
+                bad(f"model.{key}={getattr(self, key)!r}: choose one of {ok}")
+        if not 0 <= self.first_k_dense_replace <= self.num_layers:
+            bad(f"model.first_k_dense_replace={self.first_k_dense_replace} must be in [0, model.num_layers]")
+        if self.n_shared_experts < 0:
+            bad(f"model.n_shared_experts={self.n_shared_experts} must be >= 0")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            bad(f"model.capacity_factor={self.capacity_factor} must be > 0, or null for dropless routing")
+        if self.bias_update_rate < 0 or self.aux_loss_coef < 0:
+            bad("model.bias_update_rate and model.aux_loss_coef must be >= 0")
+        shared = self.moe_intermediate_size * max(self.n_shared_experts, 1)
+        if self.moe_intermediate_size % tp or shared % tp:
+            bad(f"model.moe_intermediate_size={self.moe_intermediate_size} is not divisible by parallel.tp={tp}")

@@ -25,7 +25,7 @@ from megaseek.model.attention import attention_mask
 from megaseek.model.cache import KVCache
 from megaseek.model.config import ModelConfig
 from megaseek.model.layers import RMSNorm, rope_at, rope_tables, scaled_out_std
-from megaseek.model.spec import attention_cls, check, mlp_cls
+from megaseek.model.spec import attention_cls, build_mlp, check
 from megaseek.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaseek.tensor_parallel.layers import (ColumnParallelLinear, TPContext, VocabParallelEmbedding,
                                              mask_padded_logits, padded_vocab_size)
@@ -40,7 +40,7 @@ def layer_seed(seed: int, layer: int) -> int:
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: TPContext, layer: int, seed: int, rng: Optional[RNGTracker],
-                 checkpointing: str = "none"):
+                 checkpointing: str = "none", ep=None):
         super().__init__()
         s = layer_seed(seed, layer)
         self.checkpointing = checkpointing
@@ -49,7 +49,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx)
         self.attn = attention_cls(cfg)(cfg, ctx, s, scaled_out_std(cfg), rng)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx)
-        self.mlp = mlp_cls(cfg)(cfg, ctx, s, scaled_out_std(cfg))
+        self.mlp = build_mlp(cfg, ctx, layer, s, scaled_out_std(cfg), ep)  # ep: EPContext for MoE layers
 
     def _attn(self, x, cos, sin, mask=None, cache=None):
         return self.attn(self.attn_norm(x), cos, sin, mask, cache)
@@ -85,7 +85,8 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ctx: Optional[TPContext] = None, seed: int = 1234,
                  rng: Optional[RNGTracker] = None, checkpointing: str = "none",
-                 first_layer: int = 0, last_layer: Optional[int] = None, pre: bool = True, post: bool = True):
+                 first_layer: int = 0, last_layer: Optional[int] = None, pre: bool = True, post: bool = True,
+                 ep=None):
         super().__init__()
         ctx = ctx or TPContext()
         check(cfg)
@@ -101,7 +102,7 @@ class Decoder(nn.Module):
         if pre or (post and cfg.tie_embeddings):
             self.embed = VocabParallelEmbedding(cfg.vocab_size, self.padded_vocab, cfg.hidden_size, ctx,
                                                 std=cfg.init_std, seed=seed)
-        self.layers = nn.ModuleList(Block(cfg, ctx, i, seed, rng, checkpointing)
+        self.layers = nn.ModuleList(Block(cfg, ctx, i, seed, rng, checkpointing, ep)
                                     for i in range(first_layer, last_layer))
         self.first_layer = first_layer
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx) if post else None

@@ -13,9 +13,10 @@ from __future__ import annotations
 from megaseek.model.attention import GQAAttention
 from megaseek.model.layers import SwiGLU
 from megaseek.model.mla import MLAttention
+from megaseek.model.moe.layer import MoELayer
 
 ATTENTION = {"gqa": GQAAttention, "mla": MLAttention}
-MLP = {"swiglu": SwiGLU}
+MLP = {"swiglu": SwiGLU, "moe": MoELayer}
 
 
 def check(cfg) -> None:
@@ -30,8 +31,19 @@ def attention_cls(cfg):
     return ATTENTION[cfg.attention]
 
 
-def mlp_cls(cfg):
+def mlp_cls(cfg, layer=None):
+    """The MLP of layer `layer`: with mlp=moe the first `first_k_dense_replace` layers stay dense SwiGLU."""
+    if cfg.mlp == "moe" and layer is not None and layer < cfg.first_k_dense_replace:
+        return SwiGLU
     return MLP[cfg.mlp]
+
+
+def build_mlp(cfg, ctx, layer: int, seed: int, out_std: float, ep=None):
+    """The MLP module of layer `layer`; MoE layers get their index and the expert-parallel context."""
+    cls = mlp_cls(cfg, layer)
+    if getattr(cls, "is_moe", False):
+        return cls(cfg, ctx, seed, out_std, layer=layer, ep=ep)
+    return cls(cfg, ctx, seed, out_std)
 
 
 def layer_params(cfg) -> dict:
