@@ -4,6 +4,7 @@
     eager       PyTorch, no cache: every new token recomputes the whole prefix
     kv          PyTorch with the model's KV cache (megaseek/model/cache.py): one token per step
     ort         ONNX Runtime on the exported logits graph (no cache: whole prefix per token)
+    ort+kv      ONNX Runtime on the KV-cache step graph (megaseek/export/onnx_kv.py): one token per step
     int8+kv     torchao dynamic int8 linears (activations per token, weights per channel) with the KV cache
 
     python bench/latency.py [checkpoint=DIR] [prompt=32] [new=32] [threads=1]
@@ -65,6 +66,22 @@ def run_ort(sess, prompt: np.ndarray, new: int):
     return ttft, steps
 
 
+def run_ort_kv(sess, model, prompt: np.ndarray, new: int):
+    from megaseek.export.onnx_kv import NAMES_OUT, cache_shape
+    pk = np.zeros(cache_shape(model, prompt.shape[0], 0), dtype=np.float32)
+    pv, ids, steps = pk.copy(), prompt, []
+    t0 = time.perf_counter()
+    for i in range(new):
+        t = time.perf_counter()
+        z, pk, pv = sess.run(list(NAMES_OUT), {"input_ids": ids, "past_keys": pk, "past_values": pv})
+        ids = z[:, -1].argmax(-1)[:, None].astype(np.int64)
+        if i == 0:
+            ttft = time.perf_counter() - t0
+        else:
+            steps.append(time.perf_counter() - t)
+    return ttft, steps
+
+
 def main(argv):
     from megaseek.ckpt.hf import parse_cli
     a = parse_cli(argv, (), ("checkpoint", "prompt", "new", "threads"))
@@ -83,6 +100,8 @@ def main(argv):
     tmp = tempfile.mkdtemp()
     export_onnx(model, os.path.join(tmp, "m.onnx"))
     sess = ort_session(os.path.join(tmp, "m.onnx"))
+    from megaseek.export.onnx_kv import export_kv_onnx
+    sess_kv = ort_session(export_kv_onnx(model, os.path.join(tmp, "kv.onnx")))
     q = quantize_int8(copy.deepcopy(model), "int8_dynamic")
     print(f"model {cfg.name}: h={cfg.hidden_size} L={cfg.num_layers} V={cfg.vocab_size}; prompt {P}, {N} new tokens, "
           f"{torch.get_num_threads()} thread(s)")
@@ -93,6 +112,7 @@ def main(argv):
         variants = {"eager": lambda: run_torch(model, prompt, N, False),
                     "kv": lambda: run_torch(model, prompt, N, True),
                     "ort": lambda: run_ort(sess, prompt.numpy(), N),
+                    "ort+kv": lambda: run_ort_kv(sess_kv, model, prompt.numpy(), N),
                     "int8+kv": lambda: run_torch(q, prompt, N, True)}
         res = {}
         for name, fn in variants.items():
