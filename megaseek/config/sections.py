@@ -45,6 +45,7 @@ class TrainConfig:
     max_bad_steps: int = 3           # consecutive steps with non-finite loss/gradients before...
     on_bad_steps: str = "rollback"   # ...rolling back to the newest checkpoint (rollback) or stopping (stop)
     max_rollbacks: int = 2
+    init_from: Optional[str] = None  # a run or checkpoint directory: its weights only (step 0, fresh optimizer)
 
 
 @dataclass
@@ -92,8 +93,23 @@ class PrecisionConfig:
     min_loss_scale: int = 1
 
 
+@dataclass
+class RewardConfig:
+    """launch/reward.py: Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - m), m = margin + the pair's
+    optional "margin" field."""
+    margin: float = 0.0
+
+
+@dataclass
+class DPOConfig:
+    """launch/dpo.py: see megaseek/tasks/dpo.py for the losses."""
+    beta: float = 0.1
+    loss: str = "sigmoid"            # sigmoid | ipo
+    label_smoothing: float = 0.0     # sigmoid only: the assumed probability that a pair's labels are flipped
+
+
 SCHEMAS = {"train": TrainConfig, "parallel": ParallelConfig, "zero": ZeroConfig, "optimizer": OptimizerConfig,
-           "precision": PrecisionConfig, "model": ModelConfig}
+           "precision": PrecisionConfig, "model": ModelConfig, "reward": RewardConfig, "dpo": DPOConfig}
 
 
 def register() -> None:
@@ -129,6 +145,8 @@ class RunConfig:
     zero: ZeroConfig
     optimizer: OptimizerConfig
     precision: PrecisionConfig
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     seed: int = 1234
     run_dir: Optional[str] = None
 

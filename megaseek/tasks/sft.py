@@ -31,19 +31,27 @@ class SFTObjective(NextTokenObjective):
 
 
 def grow_vocab(weights: dict, old_vocab: int, new_vocab: int) -> dict:
-    """Canonical full weights with the vocabulary rows grown from old_vocab to new_vocab (mean of old rows)."""
-    if new_vocab < old_vocab:
-        raise ValueError(f"cannot shrink the vocabulary from {old_vocab} to {new_vocab}")
-    out = dict(weights)
-    for name in VOCAB_TENSORS:
-        w = weights.get(name)
-        if w is None:
-            continue
-        if w.shape[0] != old_vocab:
-            raise ValueError(f"{name} has {w.shape[0]} rows, expected the old vocabulary {old_vocab}")
-        mean = w.mean(dim=0, keepdim=True)  # (1, h)
-        out[name] = torch.cat([w, mean.expand(new_vocab - old_vocab, -1)], dim=0)  # (V_new, h)
-    return out
+    """Canonical full weights with the vocabulary rows grown from old_vocab to new_vocab (mean of old rows);
+    the one implementation is megaseek/ckpt/init_from.py (train.init_from uses it)."""
+    from megaseek.ckpt.init_from import grow_rows
+    return grow_rows(weights, old_vocab, new_vocab)
+
+
+def sft_rows(tok):
+    """`make_rows` of the SFT stage: the JSONL file read (bad lines counted), then packed into seq_len rows."""
+    from megaseek.data.chat import ChatIds, pack, read_sft_jsonl
+
+    def make_rows(path, seq_len: int, log=print) -> list:
+        examples, _ = read_sft_jsonl(path, tok, seq_len, log=log)
+        return pack(examples, seq_len, ChatIds.of(tok).pad)
+    return make_rows
+
+
+def run(cfg) -> dict:
+    """`python launch/sft.py train.init_from=DIR data.train=FILE [data.valid=FILE]` (every rank calls this)."""
+    from megaseek.tasks.posttrain import prepare_stage, run_stage
+    stage = prepare_stage(cfg, "sft")
+    return run_stage(stage, SFTObjective(), sft_rows(stage.tok))
 
 
 def write_checkpoint(run_dir, step: int, cfg, weights: dict, tokenizer) -> Path:

@@ -102,13 +102,19 @@ class Job:
         return summary
 
 
-def pretrain(cfg: DictConfig, objective=None) -> dict:
+def pretrain(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None) -> dict:
     """Run one training job (every rank calls this). Returns the summary (also in run_dir/summary.json)."""
-    return build_job(cfg, objective).run_job()
+    return build_job(cfg, objective, data_fn, evaluation_fn).run_job()
 
 
-def build_job(cfg: DictConfig, objective=None) -> Job:
-    """Validate and compose one job (every rank calls this); `objective` defaults to next-token prediction."""
+def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None) -> Job:
+    """Validate and compose one job (every rank calls this); `objective` defaults to next-token prediction.
+
+    A post-training stage feeds its own batches: `data_fn(plan, seq_len, seed, run_dir, log)` returns a
+    DataBundle-like object (train loader with batches/state_dict/load_state_dict, valid, tokenizer_path);
+    `evaluation_fn(runner, plan, every, steps)` returns its held-out hook (`t -> dict` of metrics), else the
+    pretraining validation loss. `train.init_from` loads weights only (megaseek/ckpt/init_from.py) unless
+    the run directory already holds a checkpoint to resume."""
     from megaseek.ckpt.manager import CheckpointManager
     from megaseek.config.sections import RunConfig
     from megaseek.data.api import build_data
@@ -140,7 +146,10 @@ def build_job(cfg: DictConfig, objective=None) -> Job:
 
     plan = BatchPlan(layout.global_batch, layout.micro_batch, layout.dp, groups.dp.rank,
                      pp=layout.pp, pp_rank=groups.pp.rank)  # only the first / last stage read data
-    data = build_data(cfg, denv.local_rank, plan, layout.seq_len, run.seed, log=log0)
+    if data_fn is not None:
+        data = data_fn(plan, layout.seq_len, run.seed, run_dir, log0)
+    else:
+        data = build_data(cfg, denv.local_rank, plan, layout.seq_len, run.seed, log=log0)
     stage = build_stage(run.model, groups, seed=run.seed, sequence_parallel=layout.sequence_parallel,
                         checkpointing=run.train.activation_checkpointing, partition_method=run.parallel.partition)
     engine, _, scheduler, _ = build_engine(stage.model, cfg, layout, groups)
@@ -155,14 +164,21 @@ def build_job(cfg: DictConfig, objective=None) -> Job:
                                 skip_params=[stage.tied_copy] if stage.tied_copy is not None else [],
                                 rng_tracker=stage.rng, keep=run.train.ckpt_keep, native=run.train.ckpt_native,
                                 log=log0)
+    if run.train.init_from and manager.newest() is None:  # a run directory with a checkpoint resumes instead
+        from megaseek.ckpt.init_from import load_init_weights
+        load_init_weights(run.train.init_from, engine, groups, run.model, log=log0)
     state = RunState(manager, engine, scheduler, data.train, layout.global_batch, resolved)
     flops = flops_per_token(run.model, layout.seq_len, run.train.activation_checkpointing)
     peak = measured_peak_flops(denv, run.precision.name)
     log0(f"[megaseek] model {run.model.name}: {param_counts(run.model)['total'] / 1e6:.2f}M parameters, "
          f"{flops['model'] / 1e6:.1f} MFLOP/token, peak {peak[0] / 1e9:.1f} GFLOP/s ({peak[1]})")
 
-    evaluation = C.Evaluation(runner, data.valid, run.train.eval_interval, run.train.steps, layout.global_batch,
-                              layout.micro_batch, layout.dp, groups.dp.rank, layout.seq_len, run.train.eval_batches)
+    if evaluation_fn is not None:
+        evaluation = evaluation_fn(runner, plan, run.train.eval_interval, run.train.steps)
+    else:
+        evaluation = C.Evaluation(runner, data.valid, run.train.eval_interval, run.train.steps, layout.global_batch,
+                                  layout.micro_batch, layout.dp, groups.dp.rank, layout.seq_len,
+                                  run.train.eval_batches)
     fp16 = run.precision.name == "fp16"
     metrics = C.Metrics(
         lambda start: MetricsHub(cfg.logging, run_dir, denv.rank, layout.world_size, run.train.steps, start, resolved),
