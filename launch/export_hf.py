@@ -1,4 +1,4 @@
-"""Export a checkpoint to a Hugging Face LlamaForCausalLM directory:
+"""Export a checkpoint to a Hugging Face directory (LlamaForCausalLM for gqa models, DeepseekV3ForCausalLM for mla):
 
     python launch/export_hf.py checkpoint=RUN_DIR/checkpoints/global_step1000 out=hf/my-model
     python launch/export_hf.py checkpoint=RUN_DIR out=hf/my-model     # the run's newest valid checkpoint

@@ -112,8 +112,8 @@ def test_every_decoder_parameter_maps_at_its_stage():
 
 
 def test_no_adapter_for_an_unknown_spec():
-    with pytest.raises(ValueError, match="model.attention=mla"):
-        adapter_for(_cfg(attention="mla"))
+    with pytest.raises(ValueError, match="model.mlp=bogus"):
+        adapter_for(_cfg(mlp="bogus"))
 
 
 # --- typed config: unknown keys named, with the closest valid key -----------------------------------------

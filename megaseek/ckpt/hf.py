@@ -146,7 +146,8 @@ def _write_tokenizer(ckpt: Path, out: Path, max_len: int) -> tuple[Optional[int]
 
 
 def export_hf(ckpt_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a LlamaForCausalLM directory (config.json, model.safetensors, tokenizer) for a checkpoint or run.
+    """Write a LlamaForCausalLM (gqa) or DeepseekV3ForCausalLM (mla) directory (config.json, model.safetensors,
+    tokenizer) for a checkpoint or run; the model's adapter renames (and for MLA re-lays the RoPE rows).
     Everything is written into a temporary sibling and renamed into place, so a failure leaves `out` untouched."""
     ckpt = resolve_checkpoint(ckpt_dir)
     out = Path(out)
@@ -155,14 +156,107 @@ def export_hf(ckpt_dir: str | Path, out: str | Path, overwrite: bool = False) ->
     cfg = model_config(ckpt)
     w = checked_weights(ckpt, cfg)
     from safetensors.torch import save_file
+
+    from megaseek.model.adapter import adapter_for
+    ad = adapter_for(cfg)
+    hf_config(cfg, None, None)  # a model HF cannot represent is refused before anything is written
     with C.staged_dir(out) as tmp:
         eos, pad = _write_tokenizer(ckpt, tmp, cfg.max_seq_len)
-        save_file({hf_name(n, cfg): t.contiguous() for n, t in w.items()}, str(tmp / "model.safetensors"),
+        save_file({n: t.contiguous() for n, t in ad.to_hf_state(w).items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, eos, pad), indent=1))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad}, indent=1))
     return out
+
+
+# --- Hugging Face import ---
+def read_hf_weights(hf_dir: Path) -> dict:
+    """Every tensor of a Hugging Face directory's safetensors (one file or an index of shards), fp32."""
+    from safetensors import safe_open
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        files = [hf_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        bins = sorted(p.name for p in hf_dir.glob("*.bin"))
+        raise CheckpointError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json"
+                              + (f" (found {bins[:3]}: pickle files are not read; re-save with "
+                                 f"save_pretrained(safe_serialization=True))" if bins else ""))
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                out[k] = sf.get_tensor(k).float()
+    return out
+
+
+def hf_model_config(hf_dir: Path):
+    """(ModelConfig, adapter, config.json) of a Hugging Face Llama or DeepseekV3 directory."""
+    from megaseek.model.adapter import HF_ADAPTERS
+    from megaseek.model.config import ModelConfig
+    f = hf_dir / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+    hf = json.loads(f.read_text())
+    arch = (hf.get("architectures") or [None])[0]
+    if arch not in HF_ADAPTERS:
+        raise CheckpointError(f"{f}: architectures={hf.get('architectures')}; import_hf reads {sorted(HF_ADAPTERS)}")
+    try:
+        keys = HF_ADAPTERS[arch].config_from_hf(hf)
+        cfg = ModelConfig.from_dict(dict(keys, name=f"hf:{hf_dir.name}"))
+        from megaseek.model.spec import check
+        check(cfg)
+        cfg.validate()
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{f}: cannot be imported: {e}") from e
+    from megaseek.model.adapter import adapter_for
+    return cfg, adapter_for(cfg), hf
+
+
+def write_checkpoint(out: Path, cfg, weights: dict, tokenizer: Optional[Path], state: dict) -> Path:
+    """A megaseek checkpoint directory (one stage file, manifest last) holding `weights` (canonical names), that
+    load_model, evaluate.py and train.init_from read. Written into a temporary sibling and renamed into place."""
+    from safetensors.torch import save_file
+    want = expected_shapes(cfg)
+    missing, extra = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
+    bad = [f"{n}: {tuple(weights[n].shape)} != {s}" for n, s in want.items() if n in weights
+           and tuple(weights[n].shape) != s]
+    if missing or extra or bad:
+        raise CheckpointError(f"weights do not fit the model config: missing {missing[:5]}, unexpected {extra[:5]}, "
+                              f"wrong shapes {bad[:5]}")
+    with C.staged_dir(out) as tmp:
+        save_file({n: weights[n].float().contiguous() for n in sorted(weights)}, str(tmp / "weights-stage0.safetensors"),
+                  metadata={"format": C.FORMAT})
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        if tokenizer is not None:
+            shutil.copy(tokenizer, tmp / "tokenizer.json")
+        files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": C.sha256(f)}
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
+        C.write_json_atomic(tmp / "manifest.json", {
+            "layout": {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}, "model": cfg.to_dict(),
+            "tensors": {n: "weights-stage0.safetensors" for n in sorted(weights)}, "format": C.FORMAT,
+            "step": int(state.get("step", 0)), "files": files})
+    return out
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Turn a Hugging Face LlamaForCausalLM or DeepseekV3ForCausalLM directory into a megaseek checkpoint directory
+    (weights only, step 0; tokenizer.json copied when present). DeepseekV3's interleaved RoPE rows are re-laid
+    to rotate-half; MTP modules (model.layers.{num_hidden_layers}+) are not imported."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"hf_dir={hf_dir}: no such directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"{out}: output exists and is not an empty directory (pass overwrite=true)")
+    cfg, ad, hf = hf_model_config(hf_dir)
+    w = ad.from_hf_state(read_hf_weights(hf_dir), hf)
+    if cfg.tie_embeddings:
+        w.pop("lm_head.weight", None)
+    tok = hf_dir / "tokenizer.json"
+    state = {"step": 0, "imported_from": str(hf_dir.resolve()), "architecture": hf["architectures"][0]}
+    return write_checkpoint(out, cfg, w, tok if tok.is_file() else None, state)
 
 
 # --- evaluation ---

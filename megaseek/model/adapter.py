@@ -6,6 +6,10 @@ the same name, see KVProjection). Which rows of a parameter are vocabulary paddi
 parameter (`vocab_rows`), not in its name. The checkpoint layer (megaseek/ckpt) asks the adapter; it matches
 no name suffixes itself.
 
+Adapters: DenseAdapter (gqa + swiglu <-> LlamaForCausalLM) and DeepseekV3Adapter (mla + swiglu | moe <->
+DeepseekV3ForCausalLM, below). Each also converts whole state dicts (`to_hf_state`, `from_hf_state`) and
+config.json (`hf_config`, `config_from_hf`).
+
 Dense Llama-shaped model (attention gqa, mlp swiglu) <-> transformers LlamaForCausalLM:
 
     embed.weight                          model.embed_tokens.weight
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import re
 from typing import Optional
+
+import torch
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
@@ -98,7 +104,240 @@ class DenseAdapter:
                 "torch_dtype": "float32", "dtype": "float32"}
 
 
-ADAPTERS = {("gqa", "swiglu"): DenseAdapter}
+    def to_hf_state(self, weights: dict) -> dict:
+        """Canonical full tensors -> Hugging Face state dict (names only: no tensor changes)."""
+        return {self.to_hf(n): t for n, t in weights.items()}
+
+    def from_hf_state(self, hf: dict, hf_cfg: dict) -> dict:
+        """Hugging Face state dict -> canonical full tensors (tensors we do not hold, e.g. rotary buffers, dropped)."""
+        out = {}
+        for k, t in hf.items():
+            n = self.from_hf(k)
+            if n is not None:
+                out[n] = t
+        if self.cfg.tie_embeddings:
+            out.pop("lm_head.weight", None)
+        return out
+
+    @staticmethod
+    def config_from_hf(hf: dict) -> dict:
+        """LlamaForCausalLM config.json -> our model keys; one ValueError naming the key we cannot represent."""
+        theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
+        _refuse_hf(hf, {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu"})
+        _refuse_rope_scaling(hf)
+        heads = hf["num_attention_heads"]
+        if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
+            raise ValueError(f"config.json: head_dim={hf['head_dim']} != hidden_size / num_attention_heads "
+                             f"({hf['hidden_size'] // heads}); megaseek's gqa attention derives the head dim")
+        return {"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
+                "num_heads": heads, "num_kv_heads": hf.get("num_key_value_heads") or heads,
+                "intermediate_size": hf["intermediate_size"], "max_seq_len": hf.get("max_position_embeddings", 2048),
+                "rope_theta": float(theta), "norm_eps": hf.get("rms_norm_eps", 1e-6),
+                "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+                "init_std": hf.get("initializer_range", 0.02), "attention": "gqa", "mlp": "swiglu"}
+
+
+def _refuse_hf(hf: dict, want: dict) -> None:
+    for k, v in want.items():
+        if k in hf and hf[k] != v:
+            raise ValueError(f"config.json: {k}={hf[k]!r} is not supported (megaseek needs {k}={v!r})")
+
+
+def _refuse_rope_scaling(hf: dict) -> None:
+    rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    t = rp.get("rope_type", rp.get("type", "default"))
+    if t not in (None, "default"):
+        raise ValueError(f"config.json: rope scaling {t!r} is not supported (megaseek has plain RoPE); "
+                         f"import a model without rope_parameters.rope_type={t}")
+
+
+class DeepseekV3Adapter(DenseAdapter):
+    """MLA model (dense SwiGLU or DeepSeekMoE MLPs) <-> transformers DeepseekV3ForCausalLM.
+
+        layers.{i}.attn.{q_proj | q_a_proj, q_a_layernorm, q_b_proj}.weight   model.layers.{i}.self_attn.<same>
+        layers.{i}.attn.{kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj}.weight   self_attn.<same>
+        layers.{i}.mlp.<rest> (gate_proj, up_proj, down_proj; MoE: gate.weight, gate.e_score_correction_bias,
+                               experts.{e}.{gate,up,down}_proj.weight, shared_experts.{gate,up,down}_proj.weight)
+                                                                             model.layers.{i}.mlp.<rest>
+        attn_norm / mlp_norm / embed / norm / lm_head                        as DenseAdapter
+
+    RoPE layout: ours is rotate-half (the rope dims of a head are [x_0..x_{d/2-1} | x_{d/2}..x_{d-1}], pair j =
+    (x_j, x_{d/2+j})). The export writes `rope_interleave: true` (DeepSeek's own layout, transformers' default:
+    pair j = (x'_{2j}, x'_{2j+1})), so the rope rows of q_b_proj (q_proj) per head and of kv_a_proj_with_mqa
+    are interleaved: x'_{2j} = x_j, x'_{2j+1} = x_{d/2+j}. transformers' interleaved rotation returns
+    [x'_even | x'_odd] rotated by rotate-half, i.e. exactly our rotated vector, so the logits are equal. Import
+    undoes it (x = [x'_even | x'_odd]) when `rope_interleave` is true or absent, and keeps the rows otherwise.
+    """
+    kind = "deepseek_v3"
+    hf_architecture = "DeepseekV3ForCausalLM"
+    ATTN = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
+            "o_proj")
+    NORMS = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight"}
+
+    def _moe_layer(self, L: int) -> bool:
+        return self.cfg.mlp == "moe" and L >= self.cfg.first_k_dense_replace
+
+    def expected_shapes(self) -> dict:
+        cfg = self.cfg
+        h, n, v = cfg.hidden_size, cfg.num_heads, cfg.vocab_size
+        dqk, r, dr = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        shapes = {"embed.weight": (v, h), "norm.weight": (h,)}
+        if not cfg.tie_embeddings:
+            shapes["lm_head.weight"] = (v, h)
+        attn = {"kv_a_proj_with_mqa": (r + dr, h), "kv_a_layernorm": (r,),
+                "kv_b_proj": (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), r), "o_proj": (h, n * cfg.v_head_dim)}
+        if cfg.q_lora_rank is None:
+            attn["q_proj"] = (n * dqk, h)
+        else:
+            attn.update(q_a_proj=(cfg.q_lora_rank, h), q_a_layernorm=(cfg.q_lora_rank,), q_b_proj=(n * dqk, cfg.q_lora_rank))
+        for L in range(cfg.num_layers):
+            p = f"layers.{L}."
+            shapes.update({p + "attn_norm.weight": (h,), p + "mlp_norm.weight": (h,)})
+            shapes.update({f"{p}attn.{k}.weight": s for k, s in attn.items()})
+            shapes.update({f"{p}mlp.{k}": s for k, s in self._mlp_shapes(L).items()})
+        return shapes
+
+    def _mlp_shapes(self, L: int) -> dict:
+        cfg, h = self.cfg, self.cfg.hidden_size
+        swiglu = lambda i: {"gate_proj.weight": (i, h), "up_proj.weight": (i, h), "down_proj.weight": (h, i)}
+        if not self._moe_layer(L):
+            return swiglu(cfg.intermediate_size)
+        i, E = cfg.moe_intermediate_size, cfg.n_routed_experts
+        out = {"gate.weight": (E, h), "gate.e_score_correction_bias": (E,)}
+        for e in range(E):
+            out.update({f"experts.{e}.{k}": s for k, s in swiglu(i).items()})
+        if cfg.n_shared_experts:
+            out.update({f"shared_experts.{k}": s for k, s in swiglu(i * cfg.n_shared_experts).items()})
+        return out
+
+    def to_hf(self, name: str) -> str:
+        m = _LAYER.match(name)
+        if not m:
+            return self.TOP[name]
+        rest = m.group(2)
+        if rest in self.NORMS:
+            return f"model.layers.{m.group(1)}.{self.NORMS[rest]}"
+        if rest.startswith("attn.") and rest.split(".")[1] in self.ATTN:
+            return f"model.layers.{m.group(1)}.self_attn.{rest[5:]}"
+        if rest.startswith("mlp."):
+            return f"model.layers.{m.group(1)}.{rest}"
+        raise KeyError(name)
+
+    def from_hf(self, hf: str) -> Optional[str]:
+        m = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf)
+        if not m:
+            return {v: k for k, v in self.TOP.items()}.get(hf)
+        L, rest = int(m.group(1)), m.group(2)
+        if L >= self.cfg.num_layers:  # MTP modules (model.layers.{num_layers + k}): not held by this model
+            return None
+        inv = {v: k for k, v in self.NORMS.items()}
+        if rest in inv:
+            return f"layers.{L}.{inv[rest]}"
+        if rest.startswith("self_attn.") and rest.split(".")[1] in self.ATTN:
+            return f"layers.{L}.attn.{rest[10:]}"
+        if rest.startswith("mlp."):
+            return f"layers.{L}.{rest}"
+        return None
+
+    # --- the RoPE row layout ---
+    def _rope_rows(self, name: str):
+        """(view shape, slice of the rope rows) of a weight with rope rows, else None."""
+        cfg = self.cfg
+        dn, dr, h = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.hidden_size
+        if name.endswith(("attn.q_proj.weight", "attn.q_b_proj.weight")):
+            return (cfg.num_heads, dn + dr, -1), slice(dn, dn + dr)  # per head: [nope | rope]
+        if name.endswith("attn.kv_a_proj_with_mqa.weight"):
+            return (1, cfg.kv_lora_rank + dr, h), slice(cfg.kv_lora_rank, cfg.kv_lora_rank + dr)  # [latent | rope]
+        return None
+
+    def _permute(self, name: str, t, to_interleaved: bool):
+        spec = self._rope_rows(name)
+        if spec is None:
+            return t
+        shape, sl = spec
+        w = t.reshape(shape).clone()  # (heads, rows per head, in)
+        rope = w[:, sl]  # (heads, d_r, in)
+        half = rope.shape[1] // 2
+        if to_interleaved:  # [a | b] -> a_0 b_0 a_1 b_1 ...
+            new = torch.stack([rope[:, :half], rope[:, half:]], dim=2).reshape(rope.shape)
+        else:  # a_0 b_0 a_1 b_1 ... -> [a | b]
+            new = torch.cat([rope[:, 0::2], rope[:, 1::2]], dim=1)
+        w[:, sl] = new
+        return w.reshape(t.shape)
+
+    def to_hf_state(self, weights: dict, rope_interleave: bool = True) -> dict:
+        """Canonical tensors -> DeepseekV3 state dict, rope rows interleaved when `rope_interleave`."""
+        return {self.to_hf(n): (self._permute(n, t, True) if rope_interleave else t) for n, t in weights.items()}
+
+    def from_hf_state(self, hf: dict, hf_cfg: dict) -> dict:
+        out = {}
+        interleaved = hf_cfg.get("rope_interleave", True)
+        for k, t in hf.items():
+            n = self.from_hf(k)
+            if n is not None:
+                out[n] = self._permute(n, t, False) if interleaved else t
+        if self.cfg.tie_embeddings:
+            out.pop("lm_head.weight", None)
+        return out
+
+    def hf_config(self, eos_id: Optional[int], pad_id: Optional[int], rope_interleave: bool = True) -> dict:
+        """config.json of DeepseekV3ForCausalLM. Without MoE every layer is dense (first_k_dense_replace =
+        num_layers); num_key_value_heads = num_attention_heads (transformers requires it); no MTP modules."""
+        cfg = self.cfg
+        moe = cfg.mlp == "moe"
+        if moe and (cfg.scoring_func != "sigmoid" or cfg.group_score != "top2_sum"):
+            raise ValueError(f"model.scoring_func={cfg.scoring_func}, model.group_score={cfg.group_score}: "
+                             f"DeepseekV3ForCausalLM routes with sigmoid scores and top2_sum group scores only")
+        if moe and cfg.capacity_factor is not None:
+            raise ValueError("model.capacity_factor is set: DeepseekV3ForCausalLM is dropless; export a dropless model")
+        d = {"architectures": [self.hf_architecture], "model_type": "deepseek_v3", "vocab_size": cfg.vocab_size,
+             "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+             "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+             "num_key_value_heads": cfg.num_heads, "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
+             "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
+             "v_head_dim": cfg.v_head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+             "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+             "rope_interleave": bool(rope_interleave), "tie_word_embeddings": bool(cfg.tie_embeddings),
+             "attention_bias": False, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
+             "num_nextn_predict_layers": 0, "use_cache": True, "bos_token_id": eos_id, "eos_token_id": eos_id,
+             "pad_token_id": pad_id, "torch_dtype": "float32", "dtype": "float32",
+             "first_k_dense_replace": cfg.first_k_dense_replace if moe else cfg.num_layers,
+             "moe_intermediate_size": cfg.moe_intermediate_size if moe else cfg.intermediate_size,
+             "n_routed_experts": cfg.n_routed_experts if moe else 1, "n_shared_experts": cfg.n_shared_experts if moe else 1,
+             "num_experts_per_tok": cfg.num_experts_per_tok if moe else 1, "n_group": cfg.n_group if moe else 1,
+             "topk_group": cfg.topk_group if moe else 1, "norm_topk_prob": bool(cfg.norm_topk_prob) if moe else True,
+             "routed_scaling_factor": cfg.routed_scaling_factor if moe else 1.0}
+        return d
+
+    @staticmethod
+    def config_from_hf(hf: dict) -> dict:
+        """DeepseekV3ForCausalLM config.json -> our model keys (MoE layers need model.mlp=moe)."""
+        theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
+        _refuse_hf(hf, {"attention_bias": False, "hidden_act": "silu"})
+        _refuse_rope_scaling(hf)
+        heads, L = hf["num_attention_heads"], hf["num_hidden_layers"]
+        out = {"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"], "num_layers": L, "num_heads": heads,
+               "num_kv_heads": heads, "intermediate_size": hf["intermediate_size"],
+               "max_seq_len": hf.get("max_position_embeddings", 4096), "rope_theta": float(theta),
+               "norm_eps": hf.get("rms_norm_eps", 1e-6), "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+               "init_std": hf.get("initializer_range", 0.02), "attention": "mla", "mlp": "swiglu",
+               "q_lora_rank": hf.get("q_lora_rank"), "kv_lora_rank": hf["kv_lora_rank"],
+               "qk_nope_head_dim": hf["qk_nope_head_dim"], "qk_rope_head_dim": hf["qk_rope_head_dim"],
+               "v_head_dim": hf["v_head_dim"]}
+        if hf.get("first_k_dense_replace", 0) < L:
+            out.update(mlp="moe", first_k_dense_replace=hf.get("first_k_dense_replace", 0),
+                       n_routed_experts=hf["n_routed_experts"], n_shared_experts=hf.get("n_shared_experts", 0) or 0,
+                       num_experts_per_tok=hf["num_experts_per_tok"], moe_intermediate_size=hf["moe_intermediate_size"],
+                       n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
+                       norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+                       routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+                       scoring_func="sigmoid", group_score="top2_sum")
+        return out
+
+
+ADAPTERS = {("gqa", "swiglu"): DenseAdapter, ("mla", "swiglu"): DeepseekV3Adapter, ("mla", "moe"): DeepseekV3Adapter}
+HF_ADAPTERS = {"LlamaForCausalLM": DenseAdapter, "DeepseekV3ForCausalLM": DeepseekV3Adapter}
 
 
 def adapter_for(cfg):
