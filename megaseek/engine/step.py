@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megaseek.distributed.groups import ParallelGroups
 from megaseek.pipeline.p2p import StageComm
 from megaseek.pipeline.schedule import forward_only, run_1f1b
+from megaseek.tasks.objective import add_model_losses
 from megaseek.tensor_parallel.layers import counts_in_norm
 
 
@@ -119,7 +120,7 @@ class StepRunner:
             out = self._forward(batches[i], x)
             if not last:
                 return out
-            parts = self.objective(self.module, out, batches[i])
+            parts = add_model_losses(self.module, self.objective(self.module, out, batches[i]))  # + MoE balance
             loss = parts.loss_sum / denom  # see 2.: the micro-batch mean when every token is valid
             if loss_hook is not None:
                 loss = loss_hook(loss)

@@ -46,3 +46,19 @@ def valid_tokens(batch: dict) -> torch.Tensor:
     valid = labels >= 0
     mask = batch.get("loss_mask")
     return valid & mask.bool() if mask is not None else valid
+
+
+def add_model_losses(model, parts: LossParts) -> LossParts:
+    """Add the model's own loss terms of this micro-batch to the objective's: every MoE layer's balance-loss
+    sum (model.balance seq_aux | aux, token-weighted, megaseek/model/moe/balance.py), reported as the metric
+    `moe_aux_loss` (divided by the global count like every metric, i.e. the alpha-weighted mean balance loss
+    summed over layers). A model without MoE layers passes through unchanged."""
+    from megaseek.model.moe.balance import moe_layers
+    terms = [t for t in (m.take_aux_loss() for m in moe_layers(model)) if t is not None]
+    if not terms:
+        return parts
+    aux = torch.stack(terms).sum()
+    metrics = dict(parts.metrics)
+    metrics["moe_aux_loss"] = aux.detach()
+    return LossParts(loss_sum=parts.loss_sum + aux, count=parts.count, metrics=metrics)
+

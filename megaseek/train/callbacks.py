@@ -214,6 +214,21 @@ class Evaluation:
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
 
+class ExpertBalance(Callback):
+    """MoE models, at every global-batch end (before Metrics reads the record): expert loads summed over the
+    data-parallel group, the aux-loss-free bias update, and per-layer load / drop / balance-loss metrics into
+    the step's record (megaseek/model/moe/balance.py)."""
+
+    def __init__(self, model, dp_group):
+        self.model, self.dp_group = model, dp_group
+
+    def on_step_end(self, t, out: dict) -> None:
+        if out.get("rolled_back"):
+            return
+        from megaseek.model.moe.balance import end_of_global_batch
+        out.update(end_of_global_batch(self.model, self.dp_group))
+
+
 class Sampling(Callback):
     """A sample from the model after training (every rank takes part: tensor ranks, pipeline stages, and
     the data-parallel world in lockstep, so ZeRO-3's gathers match)."""

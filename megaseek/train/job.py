@@ -190,6 +190,8 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
                  metrics, C.Preemption(), C.Checkpointing(state, run_dir, run.train.save_interval, log0),
                  C.Sampling(lambda: sample_text(engine.module, stage, groups, data.tokenizer_path, run, denv.device),
                             log0)]
+    if run.model.mlp == "moe":  # expert loads, the bias update and MoE metrics, before Metrics reads the record
+        callbacks.insert(callbacks.index(metrics), C.ExpertBalance(engine.module, groups.dp.group))
     trainer = Trainer(runner, data.train, state, run.train.steps, callbacks, log=log0)
     faults.install(trainer, manager, denv.rank, log0)
     return Job(trainer=trainer, engine=engine, stage=stage, groups=groups, layout=layout, run=run, run_dir=run_dir,
