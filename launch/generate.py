@@ -1,7 +1,8 @@
 """Generate completions from a checkpoint (tp = 1, one process), through megaseek.model.generate.
 
     python launch/generate.py checkpoint=DIR prompts=FILE out=FILE [max_new_tokens=64] [temperature=0]
-                              [top_k=0] [top_p=1.0] [seed=0] [batch_size=16]
+                              [top_k=0] [top_p=1.0] [seed=0] [batch_size=16] [backend=torch|onnxruntime]
+                              [onnx=FILE]
 
 `checkpoint` is a checkpoint directory or a run directory (its newest valid checkpoint). `prompts` is JSON
 Lines: each line holds `prompt` (a string, tokenized as is) or `messages` (a chat, rendered with the chat
@@ -10,6 +11,12 @@ template of megaseek/data/chat.py plus the assistant marker). `out` receives the
 temperature 0 is greedy; sampling is seeded per line (seed, line index), so a line's completion does not
 depend on batch_size. Generation stops at the end-of-turn token (chat) or EOS. Bad input exits with code 2
 and one message naming the file and line.
+
+backend=onnxruntime decodes with the KV-cache ONNX graph (megaseek/export/ort_generate.py): `onnx` names a graph
+written by `launch/export_onnx.py kv_cache=true`; without it the checkpoint is exported to a temporary graph first
+(and validated against PyTorch). Rows are batched with rows of the same prompt length; completions equal the
+torch backend's. A quantized directory (launch/quantize.py) is a checkpoint like any other: its weights are the
+dequantized integers.
 """
 import json
 import os
@@ -17,7 +24,8 @@ import sys
 
 
 REQUIRED = ("checkpoint", "prompts", "out")
-OPTIONAL = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_size")
+OPTIONAL = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_size", "backend", "onnx")
+BACKENDS = ("torch", "onnxruntime")
 
 
 def read_prompts(path: str) -> list:
@@ -59,6 +67,24 @@ def stop_ids(tok) -> list:
     return [i for i in (tok.token_to_id(END_TOKEN), tok.token_to_id(EOS_TOKEN)) if i is not None]
 
 
+def onnx_completions(model, onnx, prompts: list, cfg, batch_size: int, max_seq_len: int) -> list:
+    """New tokens of every prompt from the KV-cache graph `onnx` (exported from `model` to a temporary file and
+    validated against it when None) in ONNX Runtime."""
+    import tempfile
+    from megaseek.export.onnx import ort_session
+    from megaseek.export.onnx_kv import export_kv_onnx, validate_kv
+    from megaseek.export.ort_generate import ort_generate
+    with tempfile.TemporaryDirectory() as tmp:
+        path = onnx or export_kv_onnx(model, os.path.join(tmp, "kv.onnx"))
+        sess = ort_session(path)
+        if onnx is None:
+            rep = validate_kv(sess, model)
+            if not rep["tokens_equal"] or rep["max_abs_diff"] > 1e-4:
+                raise ValueError(f"the exported KV-cache graph disagrees with PyTorch ({rep})")
+        return ort_generate(sess, prompts, cfg, row_ids=list(range(len(prompts))), batch_size=batch_size,
+                            max_seq_len=max_seq_len, where=str(path))
+
+
 def main(argv: list) -> int:
     from megaseek.ckpt.hf import CheckpointError, model_at, parse_cli, resolve_checkpoint
     from megaseek.data.chat import PAD_TOKEN
@@ -73,6 +99,13 @@ def main(argv: list) -> int:
         bs = int(a.get("batch_size", 16))
         if bs < 1:
             raise ValueError(f"batch_size={bs} must be >= 1")
+        backend = a.get("backend", "torch")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+        if a.get("onnx") and backend != "onnxruntime":
+            raise ValueError(f"onnx={a['onnx']} needs backend=onnxruntime")
+        if a.get("onnx") and not os.path.isfile(a["onnx"]):
+            raise ValueError(f"onnx={a['onnx']}: no such file (write one with launch/export_onnx.py kv_cache=true)")
         ckpt = resolve_checkpoint(a["checkpoint"])
         lines = read_prompts(a["prompts"])
         tok = load_tokenizer(ckpt / "tokenizer.json")
@@ -88,16 +121,25 @@ def main(argv: list) -> int:
         print(f"generate: {e}", file=sys.stderr)
         return 2
     stops = set(cfg.stop_tokens)
-    with open(a["out"], "w", encoding="utf-8") as f:
+    if backend == "onnxruntime":
+        try:
+            completions = onnx_completions(model, a.get("onnx"), prompts, cfg, bs, mcfg.max_seq_len)
+        except ValueError as e:
+            print(f"generate: {e}", file=sys.stderr)
+            return 2
+    else:
+        completions = []
         for k in range(0, len(prompts), bs):
-            new = generate(model, prompts[k:k + bs], cfg, row_ids=list(range(k, k + len(prompts[k:k + bs]))),
-                           pad_id=pad)
-            for (_, obj), toks in zip(lines[k:k + bs], new):
-                stopped = bool(toks) and toks[-1] in stops
-                body = toks[:-1] if stopped else toks
-                f.write(json.dumps(dict(obj, completion=tok.decode(body), finish_reason="stop" if stopped
-                                        else "length")) + "\n")
-    print(json.dumps({"checkpoint": str(ckpt), "prompts": len(prompts), "out": os.path.abspath(a["out"])}))
+            completions += generate(model, prompts[k:k + bs], cfg, row_ids=list(range(k, k + len(prompts[k:k + bs]))),
+                                    pad_id=pad)
+    with open(a["out"], "w", encoding="utf-8") as f:
+        for (_, obj), toks in zip(lines, completions):
+            stopped = bool(toks) and toks[-1] in stops
+            body = toks[:-1] if stopped else toks
+            f.write(json.dumps(dict(obj, completion=tok.decode(body), finish_reason="stop" if stopped
+                                    else "length")) + "\n")
+    print(json.dumps({"checkpoint": str(ckpt), "prompts": len(prompts), "out": os.path.abspath(a["out"]),
+                      "backend": backend}))
     return 0
 
 
