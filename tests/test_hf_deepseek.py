@@ -35,9 +35,13 @@ def _checkpoint(tmp: Path, data_root, **kw):
     from megaseek.model.decoder import Decoder
     cfg = ModelConfig(**{**MLA, **kw})
     m = Decoder(cfg, seed=21).eval()
+    if cfg.mlp == "moe":  # a random non-zero correction bias: it steers the choice of experts
+        g = torch.Generator().manual_seed(5)
+        for blk in m.layers:
+            if hasattr(blk.mlp, "gate"):
+                blk.mlp.gate.e_score_correction_bias.copy_(torch.rand(cfg.n_routed_experts, generator=g) * 0.2 - 0.1)
     ad = adapter_for(cfg)
-    w = {ad.canonical(n): p.detach()[:cfg.vocab_size] if n in ("embed.weight", "lm_head.weight") else p.detach()
-         for n, p in m.named_parameters()}
+    w = {ad.canonical(n): t.detach() for n, t in m.state_dict().items()}  # parameters and the bias buffers
     write_checkpoint(tmp, cfg, w, _tokenizer(data_root), {"step": 0})
     return m
 
@@ -132,3 +136,87 @@ def test_import_deepseek_v3_and_llama_then_evaluate(tmp_path, data_root):
     r = subprocess.run([sys.executable, str(REPO / "launch" / "import_hf.py"), f"hf_dir={tmp_path / 'nope'}",
                         f"out={tmp_path / 'x'}"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "nope: no such directory" in r.stderr and not (tmp_path / "x").exists()
+
+
+MOE = dict(num_layers=3, mlp="moe", first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
+           num_experts_per_tok=2, moe_intermediate_size=32, n_group=4, topk_group=2, group_score="top2_sum",
+           scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5, q_lora_rank=24)
+
+
+def _routing_hooks(hf):
+    got = {}
+    for i, layer in enumerate(hf.model.layers):
+        if hasattr(layer.mlp, "gate"):
+            layer.mlp.gate.register_forward_hook(lambda mod, a, out, i=i: got.__setitem__(i, out[2].detach()))
+    return got
+
+
+def test_export_mla_moe_parity_experts_and_guards(tmp_path, data_root):
+    """The issue's parity config: MLA + MoE, first_k_dense_replace=1, n_group=4, topk_group=2, top-2, a random
+    non-zero correction bias, init std 0.1: logits within 1e-4, the same experts for every token, parameter count
+    equal; wrong RoPE rows, a zeroed bias and the other group score each move the logits by > 10x the tolerance."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+    from transformers import DeepseekV3ForCausalLM
+
+    from megaseek.ckpt.hf import export_hf, load_weights
+    from megaseek.model.adapter import adapter_for
+    from megaseek.model.decoder import Decoder
+    from megaseek.model.flops import param_counts
+    m = _checkpoint(tmp_path / "ckpt", data_root, **MOE)
+    out = export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["first_k_dense_replace"] == 1 and conf["n_group"] == 4 and conf["n_routed_experts"] == 8
+    hf, info = DeepseekV3ForCausalLM.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    hf.eval()
+    bias = hf.model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32 and torch.equal(bias, m.layers[1].mlp.gate.e_score_correction_bias)
+    got = _routing_hooks(hf)
+    with torch.no_grad():
+        ours = m(IDS)[..., :1001]
+        theirs = hf(IDS).logits
+    assert _max(ours, theirs) < TOL
+    for i in (1, 2):  # the MoE layers: the same set of experts for every token
+        a, b = m.layers[i].mlp.last_routing.sort(-1).values, got[i].sort(-1).values
+        assert torch.equal(a, b), i
+    assert sum(p.numel() for p in hf.parameters()) == param_counts(m.cfg)["total"] == sum(
+        p.numel() for p in m.parameters())
+    # guards (each against our logits): rotate-half rows under the interleaved flag; HF with a zeroed bias;
+    # our model with the group score of DeepSeek-V2 (max) instead of V3's top-2 sum
+    rot_half = adapter_for(m.cfg).to_hf_state(load_weights(tmp_path / "ckpt"), rope_interleave=False)
+    (tmp_path / "hf_rows").mkdir()
+    save_file({k: v.contiguous() for k, v in rot_half.items()}, str(tmp_path / "hf_rows" / "model.safetensors"))
+    (tmp_path / "hf_rows" / "config.json").write_text(json.dumps(conf))  # HF fuses the per-expert keys on load
+    wrong = DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "hf_rows"), dtype=torch.float32).eval()
+    zero_bias = DeepseekV3ForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    for layer in zero_bias.model.layers[1:]:
+        layer.mlp.gate.e_score_correction_bias.zero_()
+    other = Decoder(dataclasses.replace(m.cfg, group_score="max"), seed=0).eval()
+    other.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        moved = {"rope rows": _max(wrong(IDS).logits, ours), "zero bias": _max(zero_bias(IDS).logits, ours),
+                 "group score max": _max(other(IDS)[..., :1001], ours)}
+    assert all(v > 10 * TOL for v in moved.values()), moved
+
+
+def test_deepseek_v3_preset_counts_what_transformers_counts():
+    """conf/model/deepseek_v3.yaml counted from the config (never built): 671,026,404,352 total parameters, the
+    figure transformers gives for its default DeepseekV3Config on the meta device (MTP module not counted)."""
+    from omegaconf import OmegaConf
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from megaseek.model.config import ModelConfig
+    from megaseek.model.flops import param_counts
+    from tests.helpers import compose
+    cfg = ModelConfig.from_dict(OmegaConf.to_container(compose(["model=deepseek_v3"]).model, resolve=True))
+    cfg.validate()
+    with torch.device("meta"):
+        hf = DeepseekV3ForCausalLM(DeepseekV3Config())
+    n_hf = sum(p.numel() for p in hf.parameters())
+    assert param_counts(cfg)["total"] == n_hf == 671_026_404_352
+    for k in ("hidden_size", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "n_routed_experts",
+              "moe_intermediate_size", "first_k_dense_replace", "n_group", "topk_group", "num_experts_per_tok"):
+        ours = {"num_attention_heads": cfg.num_heads}.get(k, getattr(cfg, k, None))
+        assert ours == getattr(hf.config, k), k

@@ -20,12 +20,12 @@ from megaseek.model.spec import attention_cls, layer_params
 def param_counts(cfg: ModelConfig) -> dict:
     """Parameter counts from the model spec's sub-layers (no weights built: works for any size)."""
     h = cfg.hidden_size
-    lp = layer_params(cfg)
-    per_layer = lp["total"]
+    per_layer = layer_params(cfg)["total"]
+    layers = [layer_params(cfg, i) for i in range(cfg.num_layers)]  # MoE models: dense first layers differ
     embed = cfg.vocab_size * h
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * h
-    total = embed + cfg.num_layers * per_layer + h + head
-    matmul = cfg.num_layers * lp["matmul"] + cfg.vocab_size * h  # the head is a matmul, tied or not
+    total = embed + sum(lp["total"] for lp in layers) + h + head
+    matmul = sum(lp["matmul"] for lp in layers) + cfg.vocab_size * h  # the head is a matmul, tied or not
     return {"total": total, "embedding": embed, "per_layer": per_layer, "matmul": matmul,
             "non_embedding": total - embed}
 

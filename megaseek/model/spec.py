@@ -46,9 +46,10 @@ def build_mlp(cfg, ctx, layer: int, seed: int, out_std: float, ep=None):
     return cls(cfg, ctx, seed, out_std)
 
 
-def layer_params(cfg) -> dict:
-    """Parameters of one block: matmul weights (attention + MLP), the two norms and the sub-layers' own norms."""
-    attn, mlp = attention_cls(cfg).num_params(cfg), mlp_cls(cfg).num_params(cfg)
+def layer_params(cfg, layer=None) -> dict:
+    """Parameters of one block (of layer `layer`: with mlp=moe the first layers are dense): matmul weights
+    (attention + MLP), the two norms and the sub-layers' own norms."""
+    attn, mlp = attention_cls(cfg).num_params(cfg), mlp_cls(cfg, layer).num_params(cfg)
     norms = 2 * cfg.hidden_size + sum(getattr(c, "norm_params", lambda _: 0)(cfg)
-                                      for c in (attention_cls(cfg), mlp_cls(cfg)))
+                                      for c in (attention_cls(cfg), mlp_cls(cfg, layer)))
     return {"attention": attn, "mlp": mlp, "norms": norms, "matmul": attn + mlp, "total": attn + mlp + norms}
