@@ -138,9 +138,13 @@ def _write_tokenizer(ckpt: Path, out: Path, max_len: int) -> tuple[Optional[int]
     tok = Tokenizer.from_file(str(src))
     shutil.copy(src, out / "tokenizer.json")
     special = {"eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
+    extra = {}
+    from megaseek.data.chat import CHAT_SPECIAL_TOKENS, CHAT_TEMPLATE
+    if all(tok.token_to_id(t) is not None for t in CHAT_SPECIAL_TOKENS):  # a chat model: its template travels
+        extra["chat_template"] = CHAT_TEMPLATE
     (out / "tokenizer_config.json").write_text(json.dumps(dict(
-        special, tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_len, clean_up_tokenization_spaces=False),
-        indent=1))
+        special, tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_len, clean_up_tokenization_spaces=False,
+        **extra), indent=1))
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
     return tok.token_to_id(EOS_TOKEN), tok.token_to_id(PAD_TOKEN)
 

@@ -180,14 +180,15 @@ def row_loader(rows: list, plan, seed: int):
 
 
 def run_stage(stage: Stage, objective, make_rows, log=print) -> dict:
-    """Compose and run the stage's job: `make_rows(path, seq_len, log) -> list of row dicts` for train and
-    valid, loaded through SFTLoader (layout-free order: seed, epoch) and evaluated by HeldOut."""
+    """Compose and run the stage's job: `make_rows(path, seq_len, log, run_dir=, split=) -> list of row dicts`
+    for train and valid, loaded through SFTLoader (layout-free order: seed, epoch) and evaluated by HeldOut."""
     from megaseek.train.job import build_job
     holder = {}
 
     def data_fn(plan, seq_len, seed, run_dir, log0):
-        rows = make_rows(stage.train, seq_len, log0)
-        holder["valid"] = make_rows(stage.valid, seq_len, log0) if stage.valid else None
+        rows = make_rows(stage.train, seq_len, log0, run_dir=run_dir, split="train")
+        holder["valid"] = (make_rows(stage.valid, seq_len, log0, run_dir=run_dir, split="valid")
+                           if stage.valid else None)
         return StageData(train=row_loader(rows, plan, seed), valid=holder["valid"],
                          tokenizer_path=write_tokenizer(stage.tok, run_dir), dataset_dir=stage.train.parent)
 

@@ -41,7 +41,7 @@ def sft_rows(tok):
     """`make_rows` of the SFT stage: the JSONL file read (bad lines counted), then packed into seq_len rows."""
     from megaseek.data.chat import ChatIds, pack, read_sft_jsonl
 
-    def make_rows(path, seq_len: int, log=print) -> list:
+    def make_rows(path, seq_len: int, log=print, **_) -> list:
         examples, _ = read_sft_jsonl(path, tok, seq_len, log=log)
         return pack(examples, seq_len, ChatIds.of(tok).pad)
     return make_rows
