@@ -252,3 +252,80 @@ def test_generate_cli_on_the_sft_checkpoint(tok, trained, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "bot", "content": "x"}]}\n')
     assert cli.main([f"checkpoint={ckpt}", f"prompts={bad}", f"out={out}"]) == 2
+
+
+# --- the launch script: python launch/sft.py train.init_from=DIR data.train=FILE data.valid=FILE ----------
+def test_sft_launch_from_a_checkpoint_end_to_end(tmp_path):
+    """From a checkpoint whose tokenizer lacks the chat tokens: the stage grows the vocabulary (mean rows), its
+    first-step loss equals the init model's loss on the first global batch computed here (1e-5), it writes
+    metrics.jsonl (+ val_loss) and checkpoints that generate.py, evaluate.py and export_hf.py accept, and the HF
+    export's apply_chat_template gives our ids. Bad input: one message naming the key, exit 2."""
+    from megaseek.ckpt.hf import export_hf, load_weights, model_config
+    from megaseek.data.loader import BatchPlan
+    from megaseek.data.tokenizer import load_tokenizer
+    from megaseek.tasks.posttrain import row_loader
+    from megaseek.tasks.sft import sft_rows
+    from tests.posttrain_support import SEQ as S, init_checkpoint, launch, metrics
+    pre = init_checkpoint(tmp_path / "pre")
+    tok_base = load_tokenizer(pre / "tokenizer.json")
+    rng = random.Random(1)
+    users = ["7" + "".join(rng.choice("0123456789") for _ in range(4)) for _ in range(300)]
+    lines = [json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": u[::-1]}]})
+             for u in users]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:260]) + "\n{broken\n")
+    (tmp_path / "valid.jsonl").write_text("\n".join(lines[260:]) + "\n")
+    run = tmp_path / "sft"
+    out = launch("sft", [f"train.init_from={tmp_path / 'pre'}", f"data.train={tmp_path / 'train.jsonl'}",
+                         f"data.valid={tmp_path / 'valid.jsonl'}", f"run_dir={run}", "train.steps=12",
+                         "train.eval_interval=12", "train.eval_batches=2", "zero.stage=2"])
+    assert "1 bad line(s) skipped" in out and "[init_from]" in out
+    recs = metrics(run)
+    assert [r["step"] for r in recs] == list(range(1, 13)) and "val_loss" in recs[-1]
+    assert recs[-1]["loss"] < recs[0]["loss"]
+    ckpt = run / "checkpoints" / "global_step12"
+    tok = load_tokenizer(ckpt / "tokenizer.json")
+    cfg = model_config(ckpt)
+    assert tok_base.token_to_id("<|user|>") is None and tok_base.token_to_id("<|pad|>") is not None
+    assert cfg.vocab_size == tok.get_vocab_size() == tok_base.get_vocab_size() + 4  # the 3 roles and <|end|>
+
+    # the first step's loss = the init model (vocabulary grown with mean rows) on the first global batch
+    w = load_weights(pre)
+    for name in ("embed.weight", "lm_head.weight"):  # grown by hand: the new rows are the mean of the old ones
+        w[name] = torch.cat([w[name], w[name].mean(0, keepdim=True).expand(4, -1)])
+    m = Decoder(cfg, seed=0)
+    m.load_state_dict(w)
+    loader = row_loader(sft_rows(tok)(tmp_path / "train.jsonl", S, log=lambda *_: None), BatchPlan(16, 8, 1, 0),
+                        seed=1234)
+    obj, total, count = SFTObjective(), 0.0, 0.0
+    with torch.no_grad():
+        for b in loader.batches():
+            parts = obj(m, m(b["input_ids"], position_ids=b["position_ids"], document_ids=b["document_ids"]), b)
+            total, count = total + float(parts.loss_sum), count + float(parts.count)
+    print(f"[sft launch] step-1 loss {recs[0]['loss']:.7f}, init model here {total / count:.7f}")
+    assert abs(recs[0]["loss"] - total / count) < 1e-5
+
+    # the stage's checkpoint is what the tools read: generate (chat prompts), evaluate, export (with the template)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "71234"}]}) + "\n")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gen_cli", "launch/generate.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.main([f"checkpoint={run}", f"prompts={prompts}", f"out={tmp_path / 'o.jsonl'}",
+                     "max_new_tokens=4"]) == 0
+    assert "completion" in json.loads((tmp_path / "o.jsonl").read_text())
+    from megaseek.ckpt.hf import evaluate_text
+    assert evaluate_text(run, "71234 43217")["tokens"] > 0
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(str(export_hf(run, tmp_path / "hf")))
+    msgs = [{"role": "user", "content": "71234"}, {"role": "assistant", "content": "43217"}]
+    assert list(hf.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]) == encode_chat(tok, msgs)[0]
+
+    # bad input: no data.train -> one message naming it, before any process group or engine
+    from megaseek.config.schema import ConfigError
+    from megaseek.tasks.posttrain import prepare_stage
+    from tests.helpers import compose
+    with pytest.raises(ConfigError, match="data.train=FILE"):
+        prepare_stage(compose([f"train.init_from={tmp_path / 'pre'}"]), "sft")
+    with pytest.raises(ConfigError, match="train.init_from"):
+        prepare_stage(compose([f"data.train={tmp_path / 'train.jsonl'}"]), "sft")
