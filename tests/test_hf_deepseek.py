@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, run_world
 
 TOL = 1e-4
 MLA = dict(vocab_size=1001, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=96,
@@ -55,8 +55,7 @@ def _max(a, b) -> float:
     return float((a - b).abs().max())
 
 
-@pytest.mark.parametrize("q_lora_rank", [None, 24])
-def test_export_deepseek_v3_logits_and_counts(tmp_path, data_root, q_lora_rank):
+def test_export_deepseek_v3_logits_and_counts(tmp_path, data_root, q_lora_rank=None):
     from safetensors.torch import load_file
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -107,37 +106,6 @@ def _hf_windowed_loss(hf, ids: list, L: int) -> float:
     return total / n
 
 
-def test_import_deepseek_v3_and_llama_then_evaluate(tmp_path, data_root):
-    """HF dir -> launch/import_hf.py -> evaluate_text: HF's own loss within 1e-4; export -> import bitwise."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from megaseek.ckpt.hf import evaluate_text, export_hf, load_weights, text_ids
-    text = (REPO / "megaseek" / "model" / "mla.py").read_text()[:1500]
-    _checkpoint(tmp_path / "ckpt", data_root, q_lora_rank=24)
-    export_hf(tmp_path / "ckpt", tmp_path / "hf_v3")
-    # a Llama written by transformers itself (random init), tokenizer alongside
-    lc = LlamaConfig(vocab_size=1001, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(lc).save_pretrained(str(tmp_path / "hf_llama"))
-    (tmp_path / "hf_llama" / "tokenizer.json").write_bytes(_tokenizer(data_root).read_bytes())
-    for name in ("hf_v3", "hf_llama"):
-        src, dst = tmp_path / name, tmp_path / f"imported_{name}"
-        r = subprocess.run([sys.executable, str(REPO / "launch" / "import_hf.py"), f"hf_dir={src}", f"out={dst}"],
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        res = evaluate_text(dst, text, seq_len=64)
-        want = _hf_windowed_loss(_hf(src), text_ids(dst, text), 64)
-        assert res["tokens"] > 64 and abs(res["loss"] - want) < TOL, (name, res, want)
-    # round trip: our checkpoint -> HF -> ours, bitwise
-    a, b = load_weights(tmp_path / "ckpt"), load_weights(tmp_path / "imported_hf_v3")
-    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    # bad input: one message naming the path, nothing written
-    r = subprocess.run([sys.executable, str(REPO / "launch" / "import_hf.py"), f"hf_dir={tmp_path / 'nope'}",
-                        f"out={tmp_path / 'x'}"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "nope: no such directory" in r.stderr and not (tmp_path / "x").exists()
-
-
 MOE = dict(num_layers=3, mlp="moe", first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
            num_experts_per_tok=2, moe_intermediate_size=32, n_group=4, topk_group=2, group_score="top2_sum",
            scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5, q_lora_rank=24)
@@ -151,7 +119,16 @@ def _routing_hooks(hf):
     return got
 
 
-def test_export_mla_moe_parity_experts_and_guards(tmp_path, data_root):
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory, data_root):
+    """The issue's parity model as a checkpoint and its DeepseekV3 export."""
+    from megaseek.ckpt.hf import export_hf
+    base = tmp_path_factory.mktemp("hf_moe")
+    m = _checkpoint(base / "ckpt", data_root, **MOE)
+    return m, base / "ckpt", export_hf(base / "ckpt", base / "hf")
+
+
+def test_export_mla_moe_parity_experts_and_guards(tmp_path, moe):
     """The issue's parity config: MLA + MoE, first_k_dense_replace=1, n_group=4, topk_group=2, top-2, a random
     non-zero correction bias, init std 0.1: logits within 1e-4, the same experts for every token, parameter count
     equal; wrong RoPE rows, a zeroed bias and the other group score each move the logits by > 10x the tolerance."""
@@ -160,12 +137,11 @@ def test_export_mla_moe_parity_experts_and_guards(tmp_path, data_root):
     from safetensors.torch import save_file
     from transformers import DeepseekV3ForCausalLM
 
-    from megaseek.ckpt.hf import export_hf, load_weights
+    from megaseek.ckpt.hf import load_weights
     from megaseek.model.adapter import adapter_for
     from megaseek.model.decoder import Decoder
     from megaseek.model.flops import param_counts
-    m = _checkpoint(tmp_path / "ckpt", data_root, **MOE)
-    out = export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    m, ckpt, out = moe
     conf = json.loads((out / "config.json").read_text())
     assert conf["first_k_dense_replace"] == 1 and conf["n_group"] == 4 and conf["n_routed_experts"] == 8
     hf, info = DeepseekV3ForCausalLM.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
@@ -185,7 +161,7 @@ def test_export_mla_moe_parity_experts_and_guards(tmp_path, data_root):
         p.numel() for p in m.parameters())
     # guards (each against our logits): rotate-half rows under the interleaved flag; HF with a zeroed bias;
     # our model with the group score of DeepSeek-V2 (max) instead of V3's top-2 sum
-    rot_half = adapter_for(m.cfg).to_hf_state(load_weights(tmp_path / "ckpt"), rope_interleave=False)
+    rot_half = adapter_for(m.cfg).to_hf_state(load_weights(ckpt), rope_interleave=False)
     (tmp_path / "hf_rows").mkdir()
     save_file({k: v.contiguous() for k, v in rot_half.items()}, str(tmp_path / "hf_rows" / "model.safetensors"))
     (tmp_path / "hf_rows" / "config.json").write_text(json.dumps(conf))  # HF fuses the per-expert keys on load
@@ -220,3 +196,84 @@ def test_deepseek_v3_preset_counts_what_transformers_counts():
               "moe_intermediate_size", "first_k_dense_replace", "n_group", "topk_group", "num_experts_per_tok"):
         ours = {"num_attention_heads": cfg.num_heads}.get(k, getattr(cfg, k, None))
         assert ours == getattr(hf.config, k), k
+
+
+def test_import_deepseek_v3_and_llama_then_evaluate(tmp_path, data_root, moe, capsys):
+    """HF dir -> import -> evaluate_text: transformers' own loss within 1e-4 (the MLA + MoE export, through
+    launch/import_hf.py; a Llama saved by transformers itself); export -> import is bitwise (bias included)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megaseek.ckpt.hf import evaluate_text, import_hf, load_weights, text_ids
+    _, ckpt, hf_moe = moe
+    text = (REPO / "megaseek" / "model" / "mla.py").read_text()[:1500]
+    lc = LlamaConfig(vocab_size=1001, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(lc).save_pretrained(str(tmp_path / "hf_llama"))
+    (tmp_path / "hf_llama" / "tokenizer.json").write_bytes(_tokenizer(data_root).read_bytes())
+    r = subprocess.run([sys.executable, str(REPO / "launch" / "import_hf.py"), f"hf_dir={hf_moe}",
+                        f"out={tmp_path / 'imported_moe'}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    import_hf(tmp_path / "hf_llama", tmp_path / "imported_llama")
+    for src, dst in ((hf_moe, tmp_path / "imported_moe"), (tmp_path / "hf_llama", tmp_path / "imported_llama")):
+        res = evaluate_text(dst, text, seq_len=64)
+        want = _hf_windowed_loss(_hf(src), text_ids(dst, text), 64)
+        assert res["tokens"] > 64 and abs(res["loss"] - want) < TOL, (src, res, want)
+    a, b = load_weights(ckpt), load_weights(tmp_path / "imported_moe")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("e_score_correction_bias" in k and a[k].abs().max() > 0 for k in a)
+    # bad input: one message naming the path, nothing written (the script's main, in this process)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("import_hf_script", REPO / "launch" / "import_hf.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for args, msg in (([f"hf_dir={tmp_path / 'nope'}", f"out={tmp_path / 'x'}"], "nope: no such directory"),
+                      ([f"hf_dir={tmp_path}", f"out={tmp_path / 'x'}"], "no config.json"),
+                      ([f"hf_dir={hf_moe}"], "missing out=...")):
+        assert script.main(args) == 2
+        assert msg in capsys.readouterr().err, msg
+    assert not (tmp_path / "x").exists()
+
+
+def _model_overrides(ckpt) -> list:
+    """model.<key>=<value> for every key of the checkpoint's model (a run that init_from accepts)."""
+    from megaseek.ckpt.hf import model_config
+    out = []
+    for k, v in model_config(ckpt).to_dict().items():
+        if k == "name":
+            continue
+        out.append(f"model.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}")
+    return out
+
+
+def _continue_world(rank, world, ckpt, run_dir, data_root):
+    from megaseek.ckpt.hf import load_model
+    from megaseek.data.api import build_data
+    from megaseek.data.loader import BatchPlan
+    from megaseek.train.job import pretrain
+    from tests.helpers import compose
+    from tests.test_equivalence import COMMON
+    cfg = compose(COMMON + _model_overrides(ckpt) + [f"data.root={data_root}", f"run_dir={run_dir}", "train.steps=3",
+                                                     "train.micro_batch_size=4", "zero.stage=0",
+                                                     f"train.init_from={ckpt}"])
+    pretrain(cfg)
+    losses = [json.loads(x)["loss"] for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    # the loss of the imported weights on the run's first global batch, computed outside the engine
+    model, _ = load_model(ckpt)
+    batches = build_data(cfg, 0, BatchPlan(8, 4, 1, 0), 32, int(cfg.seed), log=lambda *a: None).train.batches()
+    with torch.no_grad():
+        tot = sum(float((model.token_losses(model(b["input_ids"]), b["labels"].clamp(min=0))
+                         * b["loss_mask"]).sum()) for b in batches)
+        n = sum(float(b["loss_mask"].sum()) for b in batches)
+    return losses, tot / n
+
+
+@pytest.mark.slow
+def test_training_continues_from_imported_checkpoint(tmp_path, data_root, moe):
+    """train.init_from=<the imported DeepseekV3 directory>: step 1's loss is the imported model's loss on that
+    batch (1e-4: the weights and the correction bias arrived), and the loss falls over the next steps."""
+    from megaseek.ckpt.hf import import_hf
+    dst = import_hf(moe[2], tmp_path / "imported")
+    losses, want = run_world(1, _continue_world, str(dst), str(tmp_path / "run"), str(data_root))[0]
+    assert len(losses) == 3 and abs(losses[0] - want) < TOL, (losses, want)
+    assert losses[-1] < losses[0], losses

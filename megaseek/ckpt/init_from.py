@@ -94,6 +94,12 @@ def load_init_weights(init_from: str | Path, engine, groups, model_cfg, log: Cal
                               load_optimizer=False)
     if missing:
         raise InitFromError(f"train.init_from={ckpt}: parameters not set: {missing[:5]}")
+    import torch
+    with torch.no_grad():  # persistent model state that is not a parameter (the MoE correction bias): as saved
+        for n, buf in module.named_buffers():
+            c = canonical_name(module, n)
+            if c in full:
+                buf.copy_(full[c].to(buf.dtype))
     log(f"[init_from] weights of {ckpt} ({len(local)} tensors, vocabulary {model_cfg.vocab_size}); step 0, "
         f"fresh optimizer")
     return ckpt
