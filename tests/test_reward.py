@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
     train = write_jsonl(d / "train.jsonl", count_pairs(1200, 1), bad=2)
     valid = write_jsonl(d / "valid.jsonl", count_pairs(128, 2))
     out = launch("reward", [f"train.init_from={d / 'pre'}", f"data.train={train}", f"data.valid={valid}",
-                            f"run_dir={d / 'rm'}", "train.steps=40", "train.eval_interval=20", "train.eval_batches=8",
+                            f"run_dir={d / 'rm'}", "train.steps=24", "train.eval_interval=24", "train.eval_batches=8",
                             "reward.margin=0.5"])
     return d, out
 
@@ -47,14 +47,14 @@ def test_reward_model_learns_the_count(trained):
     d, out = trained
     assert "2 bad line(s) skipped" in out
     recs = metrics(d / "rm")
-    assert [r["step"] for r in recs] == list(range(1, 41))
+    assert [r["step"] for r in recs] == list(range(1, 25))
     final = recs[-1]
     print(f"[reward] val_accuracy={final['val_accuracy']:.3f} val_loss={final['val_loss']:.4f} "
           f"first loss={recs[0]['loss']:.4f}")
     assert final["val_accuracy"] >= 0.9 and "reward/accuracy" in final
     assert final["val_loss"] < recs[0]["loss"]
     model, _ = load_model(d / "rm")  # the stage's checkpoint: the grown tokenizer + weights, tp = 1
-    tok = load_tokenizer(d / "rm" / "checkpoints" / "global_step40" / "tokenizer.json")
+    tok = load_tokenizer(d / "rm" / "checkpoints" / "global_step24" / "tokenizer.json")
     rid, pad = tok.token_to_id(REWARD_TOKEN), ChatIds.of(tok).pad
     seqs, counts = _scored(tok, 200, seed=5)
     rho = _spearman(score_sequences(model, seqs, rid, pad).tolist(), counts)
