@@ -49,7 +49,11 @@ def _assert_same(records, base, tol=TOL):
     diffs = [abs(a - b) for a, b in zip(got, want)]
     assert max(diffs) < tol, diffs
     gd = [abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in zip(records, base)]
-    assert max(gd) < 1e-4, gd  # relative; counting a replicated weight twice moves it by ~4e-3
+    # relative. The first steps start from the same weights, so only fp32 summation order differs (observed
+    # <= 3.6e-7); counting a replicated weight twice moves every step by ~4e-3. Later steps inherit Adam's
+    # amplification of ~1e-7 weight differences (observed up to 5.2e-4 at step 10 on AMD EPYC, pp=4).
+    assert max(gd[:3]) < 1e-5, [f"{x:.1e}" for x in gd]
+    assert max(gd) < 2e-3, [f"{x:.1e}" for x in gd]
 
 
 def test_activation_checkpointing_changes_no_numbers(baselines):
