@@ -24,7 +24,7 @@ pretrain: $(STAMP)
 	$(VENV)/bin/deepspeed --num_gpus $(NUM_RANKS) launch/pretrain.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
