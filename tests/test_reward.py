@@ -1,7 +1,8 @@
 """Reward model (launch/reward.py): on a computable score (the count of 7s in the response) the held-out pair
 accuracy reaches 0.9 and the scores' Spearman correlation with the count 0.8; a score does not depend on the pad
 side, the pad amount or the batch-mates (1e-5); the Bradley-Terry loss with margins equals TRL's RewardTrainer
-on our HF export (LlamaForSequenceClassification, score = the <|reward|> row) within 1e-5."""
+on our HF export (LlamaForSequenceClassification, score = the <|reward|> row) within 1e-5; the reward and DPO
+objectives at tp = 2 equal tp = 1 (loss and every gradient, 1e-5) with the reward row on either tensor rank."""
 import random
 
 import pytest
@@ -143,3 +144,58 @@ def test_reward_loss_equals_trl(tmp_path):
     with torch.no_grad():
         plain = float(trainer.compute_loss(trainer.model, {k: v for k, v in batch.items() if k != "margin"}))
     assert abs(plain - theirs) > 1e-3
+
+
+def _full_grad(p, ctx, vocab: int) -> torch.Tensor:
+    from megaseek.tensor_parallel.layers import gather_full
+    dim = getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None
+    g = gather_full(p.grad, ctx, dim)
+    return g[:vocab] if dim == 0 else g  # vocabulary padding stripped (a no-op for other dim-0 shards)
+
+
+def _tp_case(rank, world):
+    """Reward and DPO objectives at tp = 2 vs tp = 1 on the same rows: loss and every gradient."""
+    import torch.distributed as dist
+
+    from megaseek.data.chat import add_chat_tokens
+    from megaseek.distributed.groups import ParallelGroups
+    from megaseek.distributed.topology import Topology
+    from megaseek.model.decoder import Decoder
+    from megaseek.tasks.dpo import DPOObjective
+    from megaseek.tensor_parallel.layers import TPContext
+    from tests.helpers import init_gloo
+    from tests.posttrain_support import base_tokenizer, model_cfg
+    init_gloo(rank, world)
+    groups = ParallelGroups.build(Topology(tp=world))
+    tok = base_tokenizer()
+    add_chat_tokens(tok)
+    cfg = model_cfg(tok.get_vocab_size())
+    pad = ChatIds.of(tok).pad
+    b = stack([pair_row(*encode_pair(tok, x), SEQ, pad, "t") for x in count_pairs(4, 9)])
+    b["margin"] = torch.tensor([0.0, 0.5, 1.0, -0.5])
+    b["ref_logps"] = torch.tensor([[-40.0, -41.0], [-42.0, -39.0], [-45.0, -44.0], [-41.0, -41.5]])
+    out = {}
+    objectives = {"reward-last-row": RewardObjective(cfg.vocab_size - 1),  # the row on tensor rank 1
+                  "reward-first-row": RewardObjective(3), "dpo": DPOObjective(beta=0.5)}
+    for name, obj in objectives.items():
+        res = []
+        for ctx in (TPContext(), TPContext.from_axis(groups.tp)):
+            m = Decoder(cfg, ctx, seed=3)
+            parts = obj(m, m(b["input_ids"], position_ids=b["position_ids"], document_ids=b["document_ids"]), b)
+            (parts.loss_sum / parts.count).backward()
+            grads = {n: _full_grad(p, ctx, cfg.vocab_size) for n, p in m.named_parameters()}
+            res.append((float(parts.loss_sum / parts.count), grads))
+        (l1, g1), (l2, g2) = res
+        out[name] = {"loss": abs(l1 - l2), "grad": max(float((g1[n] - g2[n]).abs().max()) for n in g1),
+                     "grad_scale": max(float(g1[n].abs().max()) for n in g1)}
+    dist.barrier()
+    return out
+
+
+def test_reward_and_dpo_objectives_tp2_equal_tp1():
+    from tests.helpers import run_world
+    res = run_world(2, _tp_case)
+    print(f"[reward/dpo tp2] {res[0]}")
+    for r in res:
+        for name, d in r.items():
+            assert d["loss"] < 1e-5 and d["grad"] < 1e-5 and d["grad_scale"] > 1e-4, (name, d)

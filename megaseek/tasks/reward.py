@@ -37,7 +37,8 @@ def reward_logits(model, logits: torch.Tensor, reward_id: int) -> torch.Tensor:
     if 0 <= local < logits.shape[-1]:
         z = logits[..., local].float()  # (b, s)
     else:
-        z = logits.new_zeros(logits.shape[:-1], dtype=torch.float32)  # (b, s): another rank holds the row
+        z = logits[..., 0].float() * 0.0  # (b, s): another rank holds the row; zeros in the graph, so the
+        # backward of the all-reduce runs on every tensor rank alike
     return reduce_from_region(z, model.ctx.group) if model.ctx.size > 1 else z
 
 
