@@ -31,6 +31,7 @@ class Layout:
     grad_accum: int
     seq_len: int
     sequence_parallel: bool
+    ep: int = 1  # expert-parallel degree (carved out of dp)
 
 
 def _get(cfg: Mapping, dotted: str, default: Any = None) -> Any:
@@ -60,9 +61,13 @@ def resolve_layout(cfg: Mapping, world_size: int) -> Layout:
             f"data-parallel size ({dp} = world {world_size} / (tp {tp} * pp {pp})); {gb} is not a multiple of "
             f"{mb * dp}. Use a global batch that is a multiple of {mb * dp}, or change micro_batch_size")
     seq = int(_get(cfg, "train.seq_len"))
+    ep = int(_get(cfg, "parallel.ep", 1))
+    if ep < 1 or dp % ep:
+        raise ConfigError(f"parallel.ep={ep} must be >= 1 and divide the data-parallel size {dp} (= world {world_size} "
+                          f"/ (tp {tp} * pp {pp})): experts are sharded over data-parallel ranks")
     return Layout(world_size=world_size, tp=tp, pp=pp, dp=dp, micro_batch=mb, global_batch=gb,
                   grad_accum=gb // (mb * dp), seq_len=seq,
-                  sequence_parallel=bool(_get(cfg, "parallel.sequence_parallel", False)) and tp > 1)
+                  sequence_parallel=bool(_get(cfg, "parallel.sequence_parallel", False)) and tp > 1, ep=ep)
 
 
 def validate(cfg: Mapping, world_size: int, has_cuda: Optional[bool] = None) -> Layout:
@@ -89,6 +94,8 @@ def validate(cfg: Mapping, world_size: int, has_cuda: Optional[bool] = None) -> 
     if layout.pp > mcfg.num_layers:
         raise ConfigError(f"parallel.pp={layout.pp} stages for model.num_layers={mcfg.num_layers}: "
                           f"every stage needs at least one layer")
+
+    _check_moe_layout(cfg, mcfg, layout)
 
     prec = str(_get(cfg, "precision.name", "fp32"))
     if prec not in PRECISIONS:
@@ -126,3 +133,33 @@ def validate(cfg: Mapping, world_size: int, has_cuda: Optional[bool] = None) -> 
     if not lr > 0:
         raise ConfigError(f"optimizer.lr={lr} must be > 0")
     return layout
+
+
+def _check_moe_layout(cfg: Mapping, mcfg: ModelConfig, layout: Layout) -> None:
+    """Expert-parallel layouts this stack supports; the rest refused with one message each."""
+    if mcfg.mlp == "moe" and layout.pp > 1 and mcfg.balance in ("seq_aux", "aux"):
+        raise ConfigError(f"model.balance={mcfg.balance} with parallel.pp={layout.pp}: the balance loss of MoE "
+                          f"layers on earlier pipeline stages is not carried to the loss yet; use model.balance="
+                          f"aux_free (or none) with pipelines, or parallel.pp=1")
+    if layout.ep == 1:
+        return
+    if mcfg.mlp != "moe":
+        raise ConfigError(f"parallel.ep={layout.ep} needs an MoE model (model.mlp=moe), got model.mlp={mcfg.mlp}")
+    if mcfg.n_routed_experts % layout.ep:
+        raise ConfigError(f"parallel.ep={layout.ep} must divide model.n_routed_experts={mcfg.n_routed_experts}")
+    if layout.pp > 1:
+        raise ConfigError(f"parallel.ep={layout.ep} with parallel.pp={layout.pp} is not supported yet: use "
+                          f"parallel.pp=1 with expert parallelism, or parallel.ep=1 with pipelines")
+    stage = int(_get(cfg, "zero.stage", 0))
+    if stage not in (1, 2):
+        raise ConfigError(f"parallel.ep={layout.ep} with zero.stage={stage}: expert parameters are supported at "
+                          f"zero.stage=1 or 2 (DeepSpeed's ZeRO-3 does not partition hand-written experts, and at "
+                          f"stage 0 the step's gradient norm does not sum experts over the expert group); use "
+                          f"zero.stage=1 or 2")
+    if str(_get(cfg, "zero.offload_optimizer", "none")) != "none":
+        raise ConfigError(f"parallel.ep={layout.ep} with zero.offload_optimizer: not supported; use "
+                          f"zero.offload_optimizer=none with expert parallelism")
+    if bool(_get(cfg, "train.ckpt_native", False)):
+        raise ConfigError(f"parallel.ep={layout.ep} with train.ckpt_native=true: DeepSpeed's native MoE checkpoint "
+                          f"needs its own MoE classes; use train.ckpt_native=false")
+

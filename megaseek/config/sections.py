@@ -53,6 +53,7 @@ class ParallelConfig:
     """Tensor and pipeline degree; data-parallel degree = world size / (tp * pp)."""
     tp: int = 1
     pp: int = 1
+    ep: int = 1                      # expert parallel: routed experts sharded over ep data-parallel ranks (MoE)
     sequence_parallel: bool = False
     partition: str = "parameters"    # pipeline stages balanced by `parameters` or `uniform` layer counts
 

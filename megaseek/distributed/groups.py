@@ -36,6 +36,8 @@ class ParallelGroups:
     pp: AxisGroup
     mp: AxisGroup
     embed: AxisGroup  # first + last pipeline stage at the same (dp, tp): tied embedding gradients
+    ep: AxisGroup = None   # expert-parallel group (a slice of dp); this rank alone at ep = 1
+    edp: AxisGroup = None  # expert-data-parallel group (same experts); = dp at ep = 1
 
     @classmethod
     def build(cls, topo: Topology) -> "ParallelGroups":
@@ -57,6 +59,14 @@ class ParallelGroups:
                 if rank in ranks:
                     mine = AxisGroup(group=g, ranks=ranks, rank=ranks.index(rank))
             axes[axis] = mine if mine is not None else AxisGroup(group=None, ranks=[rank], rank=0)
+        if topo.ep > 1:  # created after the others, in the same order on every rank
+            for axis, lists in (("ep", topo.ep_groups()), ("edp", topo.edp_groups())):
+                for ranks in lists:
+                    g = dist.new_group(ranks)
+                    if rank in ranks:
+                        axes[axis] = AxisGroup(group=g, ranks=ranks, rank=ranks.index(rank))
+        else:
+            axes["ep"], axes["edp"] = AxisGroup(group=None, ranks=[rank], rank=0), axes["dp"]
         return cls(topo=topo, global_rank=rank, coord=topo.coord(rank), **axes)
 
     def mpu(self) -> "DeepSpeedMPU":

@@ -16,6 +16,7 @@ import torch
 from megaseek.distributed.groups import ParallelGroups
 from megaseek.model.config import ModelConfig
 from megaseek.model.decoder import Decoder
+from megaseek.model.moe.dispatch import EPContext
 from megaseek.pipeline.partition import partition
 from megaseek.tensor_parallel.layers import TPContext, mark_norm_ownership
 from megaseek.tensor_parallel.random import RNGTracker
@@ -50,7 +51,7 @@ def build_stage(mcfg: ModelConfig, groups: ParallelGroups, *, seed: int, sequenc
     lo, hi = partition(mcfg, stages, partition_method)[index]
     first, last = index == 0, index == stages - 1
     model = Decoder(mcfg, ctx, seed=seed, rng=rng, checkpointing=checkpointing,
-                    first_layer=lo, last_layer=hi, pre=first, post=last)
+                    first_layer=lo, last_layer=hi, pre=first, post=last, ep=EPContext.from_axis(groups.ep))
     tied = stages > 1 and mcfg.tie_embeddings
     tied_copy = model.embed.weight if (tied and last) else None
     tied_weight = model.embed.weight if tied and (first or last) else None

@@ -135,7 +135,7 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
     from megaseek.planner.preflight import preflight
     preflight(cfg, world, log0)  # export the cluster preset's NCCL settings; refuse a layout that does not fit
     denv = init_distributed()
-    groups = ParallelGroups.build(Topology(tp=layout.tp, pp=layout.pp, dp=layout.dp))
+    groups = ParallelGroups.build(Topology(tp=layout.tp, pp=layout.pp, dp=layout.dp, ep=layout.ep))
     run_dir = resolve_run_dir(cfg.get("run_dir"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if denv.rank == 0:
