@@ -104,7 +104,8 @@ class HeldOut:
 
         val_loss = sum loss_sum / sum count,   val_<m> = sum metric_m / sum count   (over every dp rank)
 
-    Runs the objective on the full model (parallel.pp = 1); the tensor ranks of a group see the same rows."""
+    The tensor ranks of a group see the same rows; with pipeline stages (SFT only) the schedule's evaluation
+    pass gives val_loss."""
 
     def __init__(self, runner, rows: Optional[list], plan, every: int, steps: int, max_rows: int = 0):
         from megaseek.data.chat import stack
@@ -124,6 +125,8 @@ class HeldOut:
     @torch.no_grad()
     def evaluate(self) -> dict:
         r = self.runner
+        if r.stage.stages > 1:  # SFT through pipeline stages: the schedule's evaluation pass (the loss only)
+            return {"val_loss": r.evaluate(self.batches)}
         sums: dict = {"__loss": 0.0, "__count": 0.0}
         was = r.engine.training
         r.engine.eval()
