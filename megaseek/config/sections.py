@@ -46,6 +46,9 @@ class TrainConfig:
     on_bad_steps: str = "rollback"   # ...rolling back to the newest checkpoint (rollback) or stopping (stop)
     max_rollbacks: int = 2
     init_from: Optional[str] = None  # a run or checkpoint directory: its weights only (step 0, fresh optimizer)
+    qat: str = "none"                # none | int<b>w | int8a_int<b>w: fake-quantized training (train/compress.py)
+    qat_group_size: int = 32         # input columns per weight quantization group (QAT)
+    sparsity: str = "none"           # none | 2:4: magnitude 2:4 masks, kept after every optimizer step
 
 
 @dataclass

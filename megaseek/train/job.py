@@ -132,6 +132,8 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
     world = world_size_from_env()
     layout = validate(cfg, world, has_cuda=select_accelerator())  # refuse bad config before any work
     run = RunConfig.from_config(cfg)
+    from megaseek.train.compress import QATConvert, Sparsity, check_compress, prepare_qat, qat_spec
+    check_compress(run.train, run.model, layout, run.zero.stage)  # train.qat / train.sparsity, before any work
     from megaseek.planner.preflight import preflight
     preflight(cfg, world, log0)  # export the cluster preset's NCCL settings; refuse a layout that does not fit
     denv = init_distributed()
@@ -152,6 +154,7 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
         data = build_data(cfg, denv.local_rank, plan, layout.seq_len, run.seed, log=log0)
     stage = build_stage(run.model, groups, seed=run.seed, sequence_parallel=layout.sequence_parallel,
                         checkpointing=run.train.activation_checkpointing, partition_method=run.parallel.partition)
+    prepare_qat(stage.model, qat_spec(run.train))  # fake-quantized linears, before the engine takes the parameters
     engine, _, scheduler, _ = build_engine(stage.model, cfg, layout, groups)
     if layout.pp > 1:
         from megaseek.pipeline.partition import partition
@@ -190,6 +193,11 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
                  metrics, C.Preemption(), C.Checkpointing(state, run_dir, run.train.save_interval, log0),
                  C.Sampling(lambda: sample_text(engine.module, stage, groups, data.tokenizer_path, run, denv.device),
                             log0)]
+    if run.train.sparsity == "2:4":  # masks from the weights Resume / init_from set, before anything saves
+        callbacks.insert(1, Sparsity(engine, log0))
+    if qat_spec(run.train) is not None:
+        callbacks.append(QATConvert(engine.module, run.model, qat_spec(run.train), run_dir, data.tokenizer_path,
+                                    denv.rank, log0))
     if run.model.mlp == "moe":  # expert loads, the bias update and MoE metrics, before Metrics reads the record
         callbacks.insert(callbacks.index(metrics), C.ExpertBalance(engine.module, groups.dp.group))
     trainer = Trainer(runner, data.train, state, run.train.steps, callbacks, log=log0)
