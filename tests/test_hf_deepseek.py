@@ -16,7 +16,7 @@ import torch
 
 from tests.helpers import REPO, run_world
 
-TOL = 1e-4
+TOL = 1e-4  # the issue's tolerance; logit parity is asserted at TOL / 10 (see below)
 MLA = dict(vocab_size=1001, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=96,
            max_seq_len=64, attention="mla", kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,
            init_std=0.1)
@@ -73,7 +73,7 @@ def test_export_deepseek_v3_logits_and_counts(tmp_path, data_root, q_lora_rank=N
         ours = m(IDS)[..., :1001]
         theirs = hf(IDS).logits
     assert ours.abs().max() > 1.0
-    assert _max(ours, theirs) < TOL
+    assert _max(ours, theirs) < TOL / 10  # observed ~2e-6; the latent norms with rms_norm_eps instead of 1e-6: 8e-5
     n_hf = sum(p.numel() for p in hf.parameters())
     assert n_hf == param_counts(m.cfg)["total"] == sum(p.numel() for p in m.parameters())
     # sensitivity: the rotate-half rows under the interleaved flag, and the interleaved rows with the flag off
@@ -153,7 +153,7 @@ def test_export_mla_moe_parity_experts_and_guards(tmp_path, moe):
     with torch.no_grad():
         ours = m(IDS)[..., :1001]
         theirs = hf(IDS).logits
-    assert _max(ours, theirs) < TOL
+    assert _max(ours, theirs) < TOL / 10  # observed ~2e-6; the latent norms with rms_norm_eps instead of 1e-6: 8e-5
     for i in (1, 2):  # the MoE layers: the same set of experts for every token
         a, b = m.layers[i].mlp.last_routing.sort(-1).values, got[i].sort(-1).values
         assert torch.equal(a, b), i
@@ -265,15 +265,30 @@ def _continue_world(rank, world, ckpt, run_dir, data_root):
         tot = sum(float((model.token_losses(model(b["input_ids"]), b["labels"].clamp(min=0))
                          * b["loss_mask"]).sum()) for b in batches)
         n = sum(float(b["loss_mask"].sum()) for b in batches)
-    return losses, tot / n
+    # the trained run's checkpoint (correction bias included) exports, and transformers gives its logits
+    from megaseek.ckpt.hf import export_hf, load_weights
+    trained, _ = load_model(run_dir)
+    hf = _hf(export_hf(run_dir, Path(run_dir) / "hf"))
+    with torch.no_grad():
+        diff = _max(trained(IDS[:, :32])[..., :1001], hf(IDS[:, :32]).logits)
+    bias = max(float(t.abs().max()) for k, t in load_weights(trained_ckpt(run_dir)).items()
+               if k.endswith("e_score_correction_bias"))
+    return losses, tot / n, diff, bias
+
+
+def trained_ckpt(run_dir):
+    from megaseek.ckpt.hf import resolve_checkpoint
+    return resolve_checkpoint(run_dir)
 
 
 @pytest.mark.slow
 def test_training_continues_from_imported_checkpoint(tmp_path, data_root, moe):
     """train.init_from=<the imported DeepseekV3 directory>: step 1's loss is the imported model's loss on that
-    batch (1e-4: the weights and the correction bias arrived), and the loss falls over the next steps."""
+    batch (1e-4: the weights and the correction bias arrived), the loss falls over the next steps, and the run's
+    checkpoint (bias saved with it) exports to DeepseekV3 with our logits (1e-4)."""
     from megaseek.ckpt.hf import import_hf
     dst = import_hf(moe[2], tmp_path / "imported")
-    losses, want = run_world(1, _continue_world, str(dst), str(tmp_path / "run"), str(data_root))[0]
+    losses, want, hf_diff, bias = run_world(1, _continue_world, str(dst), str(tmp_path / "run"), str(data_root))[0]
     assert len(losses) == 3 and abs(losses[0] - want) < TOL, (losses, want)
     assert losses[-1] < losses[0], losses
+    assert hf_diff < TOL and bias > 0, (hf_diff, bias)  # the saved bias is the imported (non-zero) one, or moved

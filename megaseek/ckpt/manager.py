@@ -30,6 +30,19 @@ def _bcast_str(s: Optional[str]) -> Optional[str]:
     return obj[0]
 
 
+def persistent_buffers(module) -> dict:
+    """Canonical name -> fp32 copy of each persistent buffer: model state that is not a parameter (the MoE
+    e_score_correction_bias), the same on every tensor / data-parallel rank of a stage, so the stage's writer
+    saves it like a full parameter (no optimizer moments)."""
+    from megaseek.ckpt.state import canonical_name
+    out = {}
+    for prefix, mod in module.named_modules():
+        for bn, b in mod._buffers.items():
+            if b is not None and bn not in mod._non_persistent_buffers_set:
+                out[canonical_name(module, f"{prefix}.{bn}" if prefix else bn)] = b.detach().float().clone()
+    return out
+
+
 class CheckpointManager:
     def __init__(self, run_dir: Path, engine, groups, model_cfg, tokenizer_path: Optional[Path],
                  skip_params=(), rng_tracker=None, keep: int = 3, native: bool = False, log=print,
@@ -61,6 +74,7 @@ class CheckpointManager:
             optim[f"exp_avg.{name}"] = full["exp_avg"]
             optim[f"exp_avg_sq.{name}"] = full["exp_avg_sq"]
         if writer:
+            weights.update(persistent_buffers(self.engine.module))
             s = g.pp.rank
             save_file(weights, str(tmp / f"weights-stage{s}.safetensors"), metadata={"format": C.FORMAT})
             save_file(optim, str(tmp / f"optim-stage{s}.safetensors"), metadata={"format": C.FORMAT})
@@ -129,6 +143,7 @@ class CheckpointManager:
                     wanted[n] = {"fp32": fw.get_tensor(n), "exp_avg": fo.get_tensor(f"exp_avg.{n}"),
                                  "exp_avg_sq": fo.get_tensor(f"exp_avg_sq.{n}")}
         load_full_state(self.engine, self.engine.module, self.groups, wanted, load_optimizer)
+        self._load_buffers(path, man)
         state = C.read_state(path)
         if load_optimizer:
             set_adam_step(base_optimizer(self.engine), int(state.get("adam_step", 0)))
@@ -144,6 +159,19 @@ class CheckpointManager:
                                               "cuda": f.get_tensor("tracker_cuda") if "tracker_cuda" in keys else None})
         _barrier()
         return state
+
+    def _load_buffers(self, path: Path, man: dict) -> None:
+        """Persistent buffers from the stage files (a checkpoint written before buffers were saved keeps them)."""
+        from megaseek.ckpt.state import canonical_name
+        module = self.engine.module
+        with torch.no_grad():
+            for prefix, mod in module.named_modules():
+                for bn, b in mod._buffers.items():
+                    c = canonical_name(module, f"{prefix}.{bn}" if prefix else bn)
+                    if b is None or bn in mod._non_persistent_buffers_set or c not in man["tensors"]:
+                        continue
+                    with safe_open(str(path / man["tensors"][c]), framework="pt") as f:
+                        b.copy_(f.get_tensor(c).to(b.dtype))
 
     def optimizer_step_count(self) -> int:
         return adam_step(base_optimizer(self.engine))

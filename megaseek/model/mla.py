@@ -36,6 +36,9 @@ from megaseek.tensor_parallel.layers import ColumnParallelLinear, RowParallelLin
 from megaseek.tensor_parallel.random import RNGTracker
 
 
+LATENT_NORM_EPS = 1e-6  # the latent RMSNorms' eps: fixed in DeepSeek's code and in transformers (not rms_norm_eps)
+
+
 def softmax_scale(cfg: ModelConfig) -> float:
     """1 / sqrt(d_n + d_r): the query/key width including the rope part (DeepSeek-V2/V3, no YaRN)."""
     return (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
@@ -107,10 +110,10 @@ class MLAttention(nn.Module):
             self.q_proj = ColumnParallelLinear(h, n * d_qk, ctx, std=std, seed=seed + 1)
         else:
             self.q_a_proj = ReplicatedLinear(h, cfg.q_lora_rank, ctx, std=std, seed=seed + 11)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, ctx)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, ctx)
             self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, n * d_qk, ctx, std=std, seed=seed + 1)
         self.kv_a_proj_with_mqa = ReplicatedLinear(h, self.r + self.d_r, ctx, std=std, seed=seed + 2)
-        self.kv_a_layernorm = RMSNorm(self.r, cfg.norm_eps, ctx)
+        self.kv_a_layernorm = RMSNorm(self.r, LATENT_NORM_EPS, ctx)
         self.kv_b_proj = ColumnParallelLinear(self.r, n * (self.d_n + self.d_v), ctx, std=std, seed=seed + 3)
         self.o_proj = RowParallelLinear(n * self.d_v, h, ctx, std=out_std, seed=seed + 4)
         self.lora_q = cfg.q_lora_rank is not None
