@@ -292,3 +292,27 @@ def test_training_continues_from_imported_checkpoint(tmp_path, data_root, moe):
     assert len(losses) == 3 and abs(losses[0] - want) < TOL, (losses, want)
     assert losses[-1] < losses[0], losses
     assert hf_diff < TOL and bias > 0, (hf_diff, bias)  # the saved bias is the imported (non-zero) one, or moved
+
+
+def test_deepseek_v2_lite_preset_counts_what_transformers_counts():
+    """conf/model/deepseek_v2_lite.yaml: 15,706,484,224 parameters = transformers' DeepseekV2ForCausalLM with the
+    preset's shapes on the meta device (the released V2-Lite's 15.7B)."""
+    from omegaconf import OmegaConf
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    from megaseek.model.config import ModelConfig
+    from megaseek.model.flops import param_counts
+    from tests.helpers import compose
+    c = ModelConfig.from_dict(OmegaConf.to_container(compose(["model=deepseek_v2_lite"]).model, resolve=True))
+    c.validate()
+    hc = DeepseekV2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                          moe_intermediate_size=c.moe_intermediate_size, num_hidden_layers=c.num_layers,
+                          num_attention_heads=c.num_heads, num_key_value_heads=c.num_heads,
+                          n_shared_experts=c.n_shared_experts, n_routed_experts=c.n_routed_experts,
+                          num_experts_per_tok=c.num_experts_per_tok, first_k_dense_replace=c.first_k_dense_replace,
+                          kv_lora_rank=c.kv_lora_rank, q_lora_rank=c.q_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
+                          qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, n_group=c.n_group,
+                          topk_group=c.topk_group, tie_word_embeddings=c.tie_embeddings)
+    with torch.device("meta"):
+        hf = DeepseekV2ForCausalLM(hc)
+    assert param_counts(c)["total"] == sum(p.numel() for p in hf.parameters()) == 15_706_484_224
