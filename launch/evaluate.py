@@ -49,7 +49,7 @@ def _int(args: dict, key: str):
 
 def _tasks(args: dict) -> list[dict]:
     from megaseek.ckpt.hf import resolve_checkpoint
-    from megaseek.eval.downstream import evaluate, flat_metrics, task_manager
+    from megaseek.eval.downstream import evaluate, flat_metrics, task_manager, write_samples
     from megaseek.eval.lm import MegaseekLM
     names = [t.strip() for t in args["tasks"].strip().strip("[]").split(",") if t.strip()]
     if not names:
@@ -59,11 +59,7 @@ def _tasks(args: dict) -> list[dict]:
     lm = MegaseekLM(checkpoint=str(ckpt), batch_size=_int(args, "batch_size") or 8)
     res = evaluate(lm, names, args.get("tasks_path"), _int(args, "limit"), log_samples=bool(args.get("samples_dir")))
     if args.get("samples_dir"):
-        os.makedirs(args["samples_dir"], exist_ok=True)
-        for task, samples in res["samples"].items():
-            with open(os.path.join(args["samples_dir"], f"{task}.jsonl"), "w") as f:
-                for s in samples:
-                    f.write(json.dumps(s, default=str) + "\n")
+        write_samples(res, args["samples_dir"])
     flat, out = flat_metrics(res), []
     for task in names:
         row = {"checkpoint": str(ckpt), "task": task}

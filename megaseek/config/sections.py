@@ -37,6 +37,12 @@ class TrainConfig:
     activation_checkpointing: str = "none"   # none | full | selective (attention only)
     eval_interval: int = 0           # 0: no periodic validation
     eval_batches: int = 4
+    eval_tasks: list = field(default_factory=list)  # lm-eval tasks scored every eval_interval steps (megaseek/eval)
+    eval_tasks_path: Optional[str] = None  # a directory of more task YAMLs (as lm_eval --include_path)
+    eval_limit: Optional[int] = None  # examples per task (null: all)
+    eval_batch_size: int = 32        # lm-eval requests per forward
+    eval_latency_tokens: int = 16    # batch-1 TTFT / decode latency at eval steps: tokens decoded (0: off)
+    eval_log_samples: bool = False   # per-example results to run_dir/eval/step<N>/<task>.jsonl (rank 0)
     sample_tokens: int = 48          # sample printed at the end (0: none)
     sample_prompt: str = "def "
     sampling: SamplingSection = field(default_factory=SamplingSection)

@@ -2,7 +2,7 @@
 
     run_tasks(logits_fn, tokenizer, ["stdlib_next_line"], max_length=64)
       -> {"eval/stdlib_next_line/acc": 0.41, "eval/stdlib_next_line/acc_norm": 0.39,
-          "eval/stdlib_next_line/samples": 200, "eval/time_s": 3.2}
+          "eval/stdlib_next_line/samples": 200, "eval/seconds": 3.2}
 
 Tasks are looked up in megaseek/eval/tasks/ (held-out stdlib tasks, see build.py), then in `tasks_path` (a
 directory of task YAMLs, as `lm_eval --include_path`), then among lm-eval's own tasks (which need their data
@@ -11,6 +11,7 @@ after a filter other than "none" is `<metric>_<filter>`; stderr values are left 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -56,15 +57,26 @@ def evaluate(lm, task_names: Sequence[str], tasks_path: Optional[str | Path] = N
     # is a world of one on every rank and every rank computes the same numbers, so every rank gets them back.
     local = os.environ.get("LOCAL_RANK")
     os.environ["LOCAL_RANK"] = "0"
+    # lm-eval adds an environment report to every result (torch.utils.collect_env: pip, nvidia-smi and other
+    # subprocesses, seconds each call); a training job evaluating every few hundred steps records versions only.
+    import lm_eval.evaluator as ev
+    env_info, ev.add_env_info = ev.add_env_info, _versions_only
     try:
         return lm_eval.simple_evaluate(model=lm, tasks=list(task_names),
                                        task_manager=task_manager(task_names, tasks_path), limit=limit,
                                        bootstrap_iters=0, log_samples=log_samples, num_fewshot=None)
     finally:
+        ev.add_env_info = env_info
         if local is None:
             os.environ.pop("LOCAL_RANK", None)
         else:
             os.environ["LOCAL_RANK"] = local
+
+
+def _versions_only(storage: dict) -> None:
+    from importlib.metadata import version
+    import torch
+    storage.update({"pretty_env_info": f"torch {torch.__version__}", "lm_eval_version": version("lm_eval")})
 
 
 def flat_metrics(results: dict) -> dict:
@@ -82,23 +94,39 @@ def flat_metrics(results: dict) -> dict:
     return out
 
 
-def run_tasks(logits_fn, tokenizer, task_names: Sequence[str], tasks_path: Optional[str | Path] = None,
-              limit: Optional[int] = None, max_length: Optional[int] = None, batch_size: int = 8) -> dict:
-    """Score `logits_fn(ids (b, s)) -> logits (b, s, V)` on the tasks; flat metrics + "eval/time_s".
+def write_samples(results: dict, out_dir: str | Path) -> None:
+    """Each task's per-example results (log_samples=True) to out_dir/<task>.jsonl, one JSON object a line."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for task, samples in results["samples"].items():
+        with open(out_dir / f"{task}.jsonl", "w") as f:
+            for s in samples:
+                f.write(json.dumps(s, default=str) + "\n")
 
-    Callable from a training callback on every rank of a tensor-parallel group (all in lockstep; see lm.py).
-    max_length: the model's context (model.max_seq_len), or a `max_length` attribute of logits_fn."""
+
+def run_tasks(logits_fn, tokenizer, task_names: Sequence[str], tasks_path: Optional[str | Path] = None,
+              limit: Optional[int] = None, max_length: Optional[int] = None, batch_size: int = 8,
+              generate_fn=None, samples_dir: Optional[str | Path] = None) -> dict:
+    """Score `logits_fn(ids (b, s)) -> logits (b, s, V)` on the tasks; flat metrics + "eval/seconds".
+
+    Callable from a training callback on every rank of the job (all in lockstep; see lm.py and live.py).
+    max_length: the model's context (model.max_seq_len), or a `max_length` attribute of logits_fn.
+    generate_fn: the KV-cached generator for generate_until tasks (live.py); samples_dir: per-example
+    results written there (<task>.jsonl), as launch/evaluate.py samples_dir= does."""
     import torch
     from megaseek.eval.lm import MegaseekLM
     max_length = max_length or getattr(logits_fn, "max_length", None)
     if not max_length:
         raise ValueError("run_tasks: max_length (the model's max_seq_len) is required")
     t0 = time.perf_counter()
-    lm = MegaseekLM(logits_fn=logits_fn, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size)
+    lm = MegaseekLM(logits_fn=logits_fn, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
+                    generate_fn=generate_fn)
     with torch.no_grad():
-        res = evaluate(lm, task_names, tasks_path, limit)
+        res = evaluate(lm, task_names, tasks_path, limit, log_samples=samples_dir is not None)
+    if samples_dir is not None:
+        write_samples(res, samples_dir)
     out = flat_metrics(res)
-    out["eval/time_s"] = time.perf_counter() - t0
+    out["eval/seconds"] = time.perf_counter() - t0
     return out
 
 

@@ -15,6 +15,8 @@ Scoring follows lm-eval's HFLM exactly, so scores equal `lm_eval --model hf` on 
 - loglikelihood_rolling(text): lm-eval's disjoint rolling windows of L tokens after the prefix (EOS) token.
 - generate_until(context, {until, max_gen_toks}): greedy; context left-truncated to L - max_gen_toks tokens;
   decoding stops at EOS, at max_gen_toks, or when a stop string appears; the text is cut at the first stop string.
+  With `generate_fn` (a checkpoint, or a live model: megaseek/eval/live.py) decoding is the KV-cached generator
+  (megaseek.model.generate) over the batch, left-padded; without it, the whole prefix is recomputed each step.
 """
 from __future__ import annotations
 
@@ -29,22 +31,19 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # ids (b, s) -> logits (b, s, V)
+GenerateFn = Callable[[list, int, tuple], list]  # (prompts, max_new, stop_tokens) -> new tokens per prompt
 EOS_TOKEN = "<|endoftext|>"
 
 
-def checkpoint_logits_fn(ckpt_dir: str | Path) -> tuple[LogitsFn, object, int]:
-    """(logits_fn, tokenizer, max_seq_len) of a checkpoint (or run dir) loaded at tp = 1."""
+def checkpoint_model(ckpt_dir: str | Path):
+    """(LiveModel, tokenizer) of a checkpoint (or run dir) loaded at tp = 1: logits_fn and the KV-cached
+    generate_fn (megaseek/eval/live.py)."""
     from megaseek.ckpt.hf import load_model, resolve_checkpoint
     from megaseek.data.tokenizer import load_tokenizer
+    from megaseek.eval.live import LiveModel
     ckpt = resolve_checkpoint(ckpt_dir)
-    model, cfg = load_model(ckpt)
-    V = cfg.vocab_size
-
-    @torch.no_grad()
-    def logits_fn(ids: torch.Tensor) -> torch.Tensor:
-        return model(ids)[..., :V].float()  # (b, s, V): padded vocabulary rows dropped
-
-    return logits_fn, load_tokenizer(ckpt / "tokenizer.json"), cfg.max_seq_len
+    model, _ = load_model(ckpt)
+    return LiveModel(model.eval()), load_tokenizer(ckpt / "tokenizer.json")
 
 
 @register_model("megaseek")
@@ -52,16 +51,19 @@ class MegaseekLM(TemplateLM):
     """lm-eval model over `logits_fn`; `checkpoint=DIR` builds one from a checkpoint at tp = 1."""
 
     def __init__(self, checkpoint: Optional[str] = None, logits_fn: Optional[LogitsFn] = None, tokenizer=None,
-                 max_length: Optional[int] = None, batch_size: int | str = 8, max_gen_toks: int = 256, **_):
+                 max_length: Optional[int] = None, batch_size: int | str = 8, max_gen_toks: int = 256,
+                 generate_fn: Optional[GenerateFn] = None, **_):
         super().__init__()
         if checkpoint is not None:
             if logits_fn is not None:
                 raise ValueError("MegaseekLM: pass checkpoint= or logits_fn=, not both")
-            logits_fn, tokenizer, ckpt_len = checkpoint_logits_fn(checkpoint)
-            max_length = int(max_length or ckpt_len)
+            live, tokenizer = checkpoint_model(checkpoint)
+            logits_fn, generate_fn = live.logits_fn, live.generate_fn
+            max_length = int(max_length or live.max_length)
         if logits_fn is None or tokenizer is None or not max_length:
             raise ValueError("MegaseekLM needs checkpoint=DIR, or logits_fn, tokenizer and max_length")
         self.logits_fn, self.tokenizer, self._max_length = logits_fn, tokenizer, int(max_length)
+        self.generate_fn = generate_fn
         self._eot = tokenizer.token_to_id(EOS_TOKEN)
         if self._eot is None:
             raise ValueError(f"MegaseekLM: the tokenizer has no {EOS_TOKEN} token")
@@ -138,9 +140,14 @@ class MegaseekLM(TemplateLM):
     # --- generation ---
     @torch.no_grad()
     def greedy(self, contexts: list[list[int]], max_new: int, until: list[str]) -> list[list[int]]:
-        """Greedy continuations of a batch of token lists, recomputing the whole prefix at each step (no KV
-        cache: megaseek/model/generate.py had not landed). A row stops at EOS, at a stop string in its decoded
-        continuation, or after max_new tokens; the batch stops when every row has."""
+        """Greedy continuations of a batch of token lists. A row stops at EOS, at a stop string in its decoded
+        continuation, or after max_new tokens.
+
+        With generate_fn: the KV-cached generator decodes the batch (EOS stops a row), then each row is cut
+        after the first token whose decoded prefix holds a stop string (what stopping there would have
+        given). Without: the whole prefix is recomputed each step."""
+        if self.generate_fn is not None:
+            return [self._cut(toks, until) for toks in self.generate_fn(contexts, max_new, (self.eot_token_id,))]
         rows = [list(c) for c in contexts]
         new: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
@@ -160,6 +167,12 @@ class MegaseekLM(TemplateLM):
                 if t == self.eot_token_id or any(s and s in self.tok_decode(new[i]) for s in until):
                     done[i] = True
         return new
+
+    def _cut(self, toks: list[int], until: list[str]) -> list[int]:
+        for k in range(1, len(toks) + 1):
+            if toks[k - 1] == self.eot_token_id or any(s and s in self.tok_decode(toks[:k]) for s in until):
+                return toks[:k]
+        return toks
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)

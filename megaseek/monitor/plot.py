@@ -28,8 +28,8 @@ def _line(ax, recs, key, label=None, scale=1.0, **kw) -> bool:
 
 
 SCORE_METRICS = ("acc", "acc_norm", "acc_mutual_info", "exact_match")
-LATENCY = (("eval/latency/ttft_s", "time to first token"), ("eval/latency/decode_p50_s", "decode p50"),
-           ("eval/latency/decode_p95_s", "decode p95"))
+LATENCY = (("eval/latency_ttft_ms_p50", "time to first token p50"), ("eval/latency_ttft_ms_p95", "time to first token p95"),
+           ("eval/latency_decode_ms_p50", "decode per token p50"), ("eval/latency_decode_ms_p95", "decode per token p95"))
 
 
 def score_keys(recs: list[dict]) -> list[str]:
@@ -49,7 +49,7 @@ def plot_scores(a_score, a_lat, recs: list[dict]) -> None:
     a_score.set_title("downstream scores")
     a_score.set_ylabel("score")
     for key, label in LATENCY:
-        pts = [(r[x], r[key] * 1000) for r in recs if isinstance(r.get(key), (int, float)) and x in r]
+        pts = [(r[x], r[key]) for r in recs if isinstance(r.get(key), (int, float)) and x in r]
         if pts:
             a_lat.plot(*zip(*pts), marker="o", label=label)
     a_lat.set_title("inference latency, batch 1")

@@ -3,7 +3,8 @@
 `update()` only swaps a dict reference (the training thread does no formatting); the metric families
 are built when Prometheus scrapes, in the server's own thread. Every record key is exported: the names
 and units come from megaseek.monitor.schema (`megaseek_loss`, `megaseek_tokens_per_second`,
-`megaseek_samples_total`, ...). Keys seen once keep their last value (validation loss between evals).
+`megaseek_samples_total`, ...); downstream scores `eval/<task>/<metric>` are one family,
+`megaseek_eval_score{task, metric}`. Keys seen once keep their last value (validation loss between evals).
 Also exported: `megaseek_step` (updated every step), `megaseek_last_log_timestamp_seconds`,
 `megaseek_run_info{run, model, precision, world_size}` and the standard `process_*` collector.
 """
@@ -17,7 +18,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from megaseek.monitor.schema import NOT_SCALARS, PROM_PREFIX, metric, numeric
+from megaseek.monitor.schema import NOT_SCALARS, PROM_PREFIX, metric, numeric, task_metric
 
 
 class _LatestCollector(Collector):
@@ -43,15 +44,24 @@ class _LatestCollector(Collector):
                                   labels=labels)
             g.add_metric([self.rank], self.stamp)
             yield g
+        scores = None  # downstream scores: one family, labelled by task and metric
         for key, value in latest.items():
             x = numeric(value)
             if x is None or key in NOT_SCALARS:
                 continue
             m = metric(key)
+            tm = task_metric(key)
+            if tm is not None:
+                if scores is None:
+                    scores = GaugeMetricFamily(PROM_PREFIX + m.prom, m.help, labels=labels + ["task", "metric"])
+                scores.add_metric([self.rank, *tm], x * m.scale)
+                continue
             cls = CounterMetricFamily if m.kind == "counter" else GaugeMetricFamily
             fam = cls(PROM_PREFIX + m.prom, m.help, labels=labels)
             fam.add_metric([self.rank], x * m.scale)
             yield fam
+        if scores is not None:
+            yield scores
 
 
 class PrometheusSink:

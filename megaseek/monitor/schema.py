@@ -12,13 +12,17 @@ import re
 from dataclasses import dataclass
 
 PROM_PREFIX = "megaseek_"
+# Downstream scores `eval/<task>/<metric>` (any task, any metric lm-eval reports): one catalogue row, one
+# Prometheus family with the task and metric as labels (megaseek_eval_score{task=..., metric=...}).
+TASK_KEY = "eval/<task>/<metric>"
+_TASK_RE = re.compile(r"^eval/([^/]+)/([^/]+)$")
 NOT_SCALARS = frozenset({"step", "time"})  # the x axis and the wall-clock stamp: not plotted as metrics
 
 
 @dataclass(frozen=True)
 class Metric:
     key: str            # record key (JSONL)
-    group: str          # train | val | perf | time | sys | gpu | other
+    group: str          # train | val | eval | perf | time | sys | gpu | other
     help: str
     prom: str           # Prometheus name without the prefix (a counter's without `_total`)
     kind: str = "gauge"  # gauge | counter
@@ -38,6 +42,19 @@ _ROWS = [
     # model quality
     Metric("val_loss", "val", "mean token loss on the held-out split", "validation_loss"),
     Metric("val_ppl", "val", "perplexity on the held-out split", "validation_perplexity"),
+    # downstream tasks and inference latency at eval steps (megaseek/eval, train.eval_tasks)
+    Metric(TASK_KEY, "eval", "downstream task metric as lm-eval reports it (labels: task, metric)", "eval_score"),
+    Metric("eval/seconds", "eval", "wall time of the evaluation at an eval step (not in tokens/s)", "eval_seconds"),
+    Metric("eval/latency_ttft_ms_p50", "eval", "time to first token at batch 1, median (KV-cached generator)",
+           "eval_time_to_first_token_p50_seconds", scale=1e-3),
+    Metric("eval/latency_ttft_ms_p95", "eval", "time to first token at batch 1, 95th percentile",
+           "eval_time_to_first_token_p95_seconds", scale=1e-3),
+    Metric("eval/latency_decode_ms_p50", "eval", "per-token decode time at batch 1 with the KV cache, median",
+           "eval_decode_token_p50_seconds", scale=1e-3),
+    Metric("eval/latency_decode_ms_p95", "eval", "per-token decode time at batch 1 with the KV cache, 95th percentile",
+           "eval_decode_token_p95_seconds", scale=1e-3),
+    Metric("eval/latency_prompt_tokens", "eval", "prompt length of the latency measurement", "eval_latency_prompt_tokens"),
+    Metric("eval/latency_new_tokens", "eval", "tokens decoded in the latency measurement", "eval_latency_new_tokens"),
     # throughput and utilization
     Metric("tokens_per_s", "perf", "global training throughput (tokens/s)", "tokens_per_second"),
     Metric("tokens_per_s_per_rank", "perf", "throughput per rank (tokens/s)", "tokens_per_second_per_rank"),
@@ -88,16 +105,24 @@ SYSTEM_KEYS = ("cpu_percent", "rss_gb", "num_threads", "host_cpu_percent", "host
                "host_mem_available_gb")
 
 
+def task_metric(key: str) -> tuple[str, str] | None:
+    """(task, metric) of a downstream score key `eval/<task>/<metric>`, else None."""
+    m = _TASK_RE.match(key)
+    return (m.group(1), m.group(2)) if m else None
+
+
 def metric(key: str) -> Metric:
-    m = CATALOG.get(key)
+    m = CATALOG.get(key) or (CATALOG[TASK_KEY] if task_metric(key) else None)
     if m is None:
         m = Metric(key, "other", f"record key {key}", re.sub(r"[^a-zA-Z0-9_]", "_", key))
     return m
 
 
 def tag(key: str) -> str:
-    """TensorBoard / wandb tag: the group, a slash, the key."""
-    return f"{metric(key).group}/{key}"
+    """TensorBoard / wandb tag: the group, a slash, the key (keys that start with their group, `eval/...`, as
+    they are)."""
+    group = metric(key).group
+    return key if key.startswith(group + "/") else f"{group}/{key}"
 
 
 def numeric(v) -> float | None:

@@ -146,6 +146,10 @@ class Metrics(Callback):
     def _reset(self) -> None:
         self.acc, self.n, self.t_log = {}, 0, time.perf_counter()
 
+    def restart_clock(self) -> None:
+        """Start the interval's clock now: work done outside the steps (an evaluation) is not in tokens/s."""
+        self.t_log = time.perf_counter()
+
     def on_fit_start(self, t) -> None:
         self.hub = self.hub_factory(t.step)
         self._reset()

@@ -134,6 +134,8 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
     run = RunConfig.from_config(cfg)
     from megaseek.train.compress import QATConvert, Sparsity, check_compress, prepare_qat, qat_spec
     check_compress(run.train, run.model, layout, run.zero.stage)  # train.qat / train.sparsity, before any work
+    from megaseek.train.eval_tasks import DownstreamEval, check_eval_tasks
+    check_eval_tasks(run.train)  # unknown task names fail before any model is built
     from megaseek.planner.preflight import preflight
     preflight(cfg, world, log0)  # export the cluster preset's NCCL settings; refuse a layout that does not fit
     denv = init_distributed()
@@ -182,15 +184,24 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
         evaluation = C.Evaluation(runner, data.valid, run.train.eval_interval, run.train.steps, layout.global_batch,
                                   layout.micro_batch, layout.dp, groups.dp.rank, layout.seq_len,
                                   run.train.eval_batches)
+    downstream = None
+    if run.train.eval_tasks:
+        from megaseek.model.generate import PipelinePeers
+        pipe = PipelinePeers(groups.pp.ranks, groups.pp.rank, groups.pp.group) if stage.stages > 1 else None
+        downstream = DownstreamEval(engine.module, pipe, data.tokenizer_path, run.train, run_dir, denv.rank, log0)
     fp16 = run.precision.name == "fp16"
     metrics = C.Metrics(
         lambda start: MetricsHub(cfg.logging, run_dir, denv.rank, layout.world_size, run.train.steps, start, resolved),
         run.train.log_interval, layout.global_batch * layout.seq_len, layout.global_batch, layout.world_size,
         flops, peak, lr_fn=lambda: scheduler.get_last_lr()[0],
-        loss_scale_fn=lambda: getattr(engine.optimizer, "cur_scale", None) if fp16 else None, extra=(evaluation,))
+        loss_scale_fn=lambda: getattr(engine.optimizer, "cur_scale", None) if fp16 else None,
+        extra=(evaluation,) + ((downstream,) if downstream else ()))
+    if downstream:
+        downstream.metrics = metrics
     callbacks = [C.Resume(state, log0),
                  C.Stability(state, run.train.max_bad_steps, run.train.on_bad_steps, run.train.max_rollbacks, log0),
-                 metrics, C.Preemption(), C.Checkpointing(state, run_dir, run.train.save_interval, log0),
+                 metrics] + ([downstream] if downstream else []) + [
+                 C.Preemption(), C.Checkpointing(state, run_dir, run.train.save_interval, log0),
                  C.Sampling(lambda: sample_text(engine.module, stage, groups, data.tokenizer_path, run, denv.device),
                             log0)]
     if run.train.sparsity == "2:4":  # masks from the weights Resume / init_from set, before anything saves
