@@ -65,6 +65,7 @@ def test_build_trt_skips_and_dry_run(exported):
     assert bad.returncode == 2 and "/nonexistent.onnx" in bad.stderr
 
 
+@pytest.mark.slow
 def test_kv_cache_graph_decodes_like_pytorch(exported, tmp_path):
     """The KV-cache step graph: greedy tokens equal PyTorch's (whole prefix recomputed each step), its logits
     within 1e-4 of the recomputed ones at every step, past axis symbolic (prefill at past = 0)."""

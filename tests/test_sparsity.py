@@ -54,6 +54,7 @@ def test_one_shot_2of4(setup):
     assert costs["magnitude"] > 0.02 and costs["wanda"] > 0.02
 
 
+@pytest.mark.slow
 def test_masks_survive_finetuning(setup, data_root, tmp_path_factory):
     """Magnitude 2:4 then 100 fine-tuning steps with apply_masks after every optimizer step: the pattern and
     density 0.5 hold, the kept weights moved, and the held-out perplexity ends within 1% of a dense control
