@@ -419,8 +419,19 @@ def _layout_scores(rank, world, ckpt, data_root, base):
 def _decisions(samples: dict) -> dict:
     """Per example: the choices made (acc, acc_norm, acc_mutual_info, exact_match, generated text); the
     log-likelihood floats themselves differ across layouts in the last bits, the decisions must not."""
-    keys = MC_KEYS + ("exact_match", "filtered_resps")
-    return {i: tuple(s.get(k) for k in keys) for i, s in samples.items()}
+    def choice(r):  # multiple choice: [log-likelihood, is_greedy] -> the decision; rolling: a float -> compared apart
+        if isinstance(r, float):
+            return None
+        return r[1] if isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], float) else r
+    return {i: tuple(s.get(k) for k in MC_KEYS + ("exact_match",))
+            + (None if s.get("filtered_resps") is None else [choice(r) for r in s["filtered_resps"]],)
+            for i, s in samples.items()}
+
+
+def _logliks(samples: dict) -> list:
+    """Every log-likelihood (multiple-choice and rolling), in example order."""
+    return [r if isinstance(r, float) else r[0] for i in sorted(samples) for r in samples[i].get("filtered_resps") or []
+            if isinstance(r, float) or (isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], float))]
 
 
 @pytest.mark.slow
@@ -442,6 +453,8 @@ def test_dp2_tp2_pp2_in_training_scores_equal_one_process(run, ckpt, tmp_path, d
             mine = _samples(tmp_path / name / "eval" / f"step{STEPS}" / f"{t}.jsonl")
             assert len(mine) == LIMIT == m0[f"eval/{t}/samples"]
             assert _decisions(mine) == _decisions(one[t]), (name, t)
+            la, lb = _logliks(one[t]), _logliks(mine)
+            assert len(la) == len(lb) and all(abs(a - b) < 1e-5 * abs(a) for a, b in zip(la, lb)), (name, t)
             for k in MC_KEYS + ("exact_match",):
                 if k in one[t][0]:
                     assert scores[f"eval/{t}/{k}"] == pytest.approx(sum(float(s[k]) for s in one[t].values()) / LIMIT,
