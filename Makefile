@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make pretrain   # venv + install + a short 2-rank pretraining run on the embedded corpus (deepspeed launcher)
-#   make test       # venv + install + the whole test suite
+#   make test       # venv + install + the test suite without the tests marked slow (<= 30 min on 2 cores)
+# CI (.ci/run) runs `make test` and then `make test-slow` (the launcher, pipeline and long training tests).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed
 NUM_RANKS ?= 2
 ARGS ?=
 
-.PHONY: setup pretrain test test-fast bench clean
+.PHONY: setup pretrain test test-slow test-all test-fast bench clean
 
 setup: $(STAMP)
 
@@ -24,10 +25,14 @@ pretrain: $(STAMP)
 	$(VENV)/bin/deepspeed --num_gpus $(NUM_RANKS) launch/pretrain.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=30 tests
+	$(PY) -m pytest -q --durations=30 -m "not slow" tests
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+test-slow: $(STAMP)
+	$(PY) -m pytest -q --durations=30 -m slow tests
+
+test-all: test test-slow
+
+test-fast: test
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py
