@@ -107,7 +107,8 @@ class CheckpointManager:
         if self.rank == 0:
             t = g.topo
             path = C.finalize(self.run_dir, step, {
-                "layout": {"tp": t.tp, "pp": t.pp, "dp": t.dp, "world_size": t.world_size},
+                "layout": {"tp": t.tp, "pp": t.pp, "dp": t.dp, "world_size": t.world_size,
+                           **({"ep": t.ep} if t.ep > 1 else {})},
                 "model": self.model_cfg.to_dict(), "tensors": index}, self.keep)
         _barrier()
         return path

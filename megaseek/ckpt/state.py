@@ -5,8 +5,10 @@ Gathering (collective over each parameter's groups, every rank calls it in the s
   ZeRO / bf16 shards  -> DeepSpeed's `safe_get_full_*` (all-gather over the data-parallel group)
   tensor shards       -> all-gather over the tensor group along `partition_dim`, vocab padding stripped
   pipeline stages     -> each stage writes its own layers; the last stage's tied-embedding copy is skipped
+  expert shards (ep)  -> all-gather over the expert-parallel group: every routed expert under its global index
 Scattering is the reverse: slice the full tensor for this rank's shard (pad the vocabulary), then
-`safe_set_full_*`. Loading therefore works at any layout: that is how a run changes layout on resume.
+`safe_set_full_*`; an expert-parallel rank reads only its own experts (names carry the global expert
+index). Loading therefore works at any layout: that is how a run changes layout on resume.
 """
 from __future__ import annotations
 
@@ -137,22 +139,42 @@ def _gather_tp(t: torch.Tensor, p, tp) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def _gather_experts(full: dict, name: str, p, model, ep) -> Iterator[tuple[str, dict]]:
+    """Expert parameter at ep > 1 -> (canonical name, full tensors) of its counterpart on EVERY rank of the
+    expert-parallel group: slot j of rank r is global expert r E/ep + j, and the ranks' named_parameters walk
+    their slots in the same order, so one all-gather per tensor over the ep group pairs them up."""
+    from megaseek.model.moe.experts import owned_expert_names
+    names = owned_expert_names(name, p.expert_index, model.cfg.n_routed_experts, ep.size, ep.rank)
+    parts = {key: [torch.empty_like(t) for _ in range(ep.size)] for key, t in full.items()}
+    for key, t in full.items():
+        dist.all_gather(parts[key], t, group=ep.group)
+    for r, n in enumerate(names):
+        yield n, {key: parts[key][r] for key in full}
+
+
 def iter_full_state(engine, model, groups, skip=()) -> Iterator[tuple[str, dict]]:
     """Yield (canonical name, {fp32, exp_avg, exp_avg_sq: full tensor}) for this stage's parameters.
-    Collective: every rank of the stage calls it; all ranks get the tensors (writers pick who saves)."""
+    Collective: every rank of the stage calls it; all ranks get the tensors (writers pick who saves).
+    At ep > 1 every rank gets every routed expert (its own and, gathered over the expert-parallel group, the
+    others'): the same tensors and names as at ep = 1."""
     skip_ids = {id(p) for p in skip}
+    ep = getattr(groups, "ep", None)
     relink_hp_optimizer_state(engine)
     for name, p in model.named_parameters():
         if id(p) in skip_ids:
             continue
         full = {}
-        for key in KEYS:
+        for key in KEYS:  # ZeRO gathers over dp (experts: over the expert-data-parallel group), then tp
             t = _gather_tp(_local_full(engine, p, key), p, groups.tp)
             rows = getattr(p, "vocab_rows", None)
             if rows is not None:
                 t = t[:rows]  # strip vocabulary padding
             full[key] = t.contiguous()
-        yield canonical_name(model, name), full
+        cname = canonical_name(model, name)
+        if ep is not None and ep.size > 1 and hasattr(p, "expert_index"):
+            yield from _gather_experts(full, cname, p, model, ep)
+        else:
+            yield cname, full
 
 
 def shard_for(full: torch.Tensor, p, tp, local_shape) -> torch.Tensor:

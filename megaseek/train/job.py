@@ -131,11 +131,6 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
 
     world = world_size_from_env()
     layout = validate(cfg, world, has_cuda=select_accelerator())  # refuse bad config before any work
-    if layout.ep > 1:  # the library trains at ep > 1 (tests/test_moe_ep.py); the job's checkpoints cannot yet
-        from megaseek.config.schema import ConfigError
-        raise ConfigError(f"parallel.ep={layout.ep}: checkpoints of expert-parallel runs are not written yet (each "
-                          f"rank holds other experts; megaseek/ckpt gathers tensor shards only), and every job "
-                          f"saves at its last step. Use parallel.ep=1 (experts replicated over data-parallel ranks)")
     run = RunConfig.from_config(cfg)
     from megaseek.train.compress import QATConvert, Sparsity, check_compress, prepare_qat, qat_spec
     check_compress(run.train, run.model, layout, run.zero.stage)  # train.qat / train.sparsity, before any work

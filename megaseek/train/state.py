@@ -6,6 +6,21 @@ from pathlib import Path
 from typing import Optional
 
 
+def per_group_lists(sched: dict, n_groups: int) -> dict:
+    """A saved lr-scheduler state for `n_groups` param groups. Another expert layout has another number of
+    groups (the expert groups of ep > 1, megaseek/engine/build.py); every group follows one schedule of one
+    peak lr, so a per-group list (base_lrs, _last_lr) of equal values is re-sized."""
+    out = {}
+    for k, v in sched.items():
+        if isinstance(v, list) and len(v) != n_groups:
+            if len(set(v)) != 1:
+                raise ValueError(f"scheduler state {k}={v}: per-group values differ, cannot re-size to "
+                                 f"{n_groups} param groups")
+            v = [v[0]] * n_groups
+        out[k] = v
+    return out
+
+
 class RunState:
     def __init__(self, ckpt, engine, scheduler, loader, global_batch: int, config: dict):
         self.ckpt, self.engine, self.scheduler, self.loader = ckpt, engine, scheduler, loader
@@ -31,7 +46,7 @@ class RunState:
         st = self.ckpt.load(path)
         self.loader.load_state_dict(st["loader"])
         sched = self.scheduler.state_dict()
-        sched.update(st["scheduler"])
+        sched.update(per_group_lists(st["scheduler"], len(self.scheduler.optimizer.param_groups)))
         self.scheduler.load_state_dict(sched)
         for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr  # load_state_dict does not touch the optimizer: the next step must use this lr

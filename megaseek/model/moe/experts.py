@@ -42,6 +42,18 @@ def ep_group_name(ep: int) -> str:
     return f"ep_size_{ep}"
 
 
+def owned_expert_names(name: str, e: int, n_experts: int, ep_size: int, ep_rank: int) -> list[str]:
+    """The canonical name of expert parameter `name` (global expert `e`, held by expert-parallel rank
+    `ep_rank`) as each rank r of the group names its counterpart: the same local slot j = e - ep_rank E/ep,
+    global index r E/ep + j. Entry r is rank r's name (the all-gather order of megaseek/ckpt/state.py)."""
+    n_local = n_experts // ep_size
+    j = e - ep_rank * n_local
+    tag = f".experts.{e}."
+    if not 0 <= j < n_local or tag not in name:
+        raise ValueError(f"{name}: expert {e} is not held by expert-parallel rank {ep_rank} of {ep_size}")
+    return [name.replace(tag, f".experts.{r * n_local + j}.", 1) for r in range(ep_size)]
+
+
 class LocalExperts(nn.ModuleDict):
     """The routed experts this expert-parallel rank holds, keyed by global index: [first, first + n_local)."""
 
