@@ -82,3 +82,18 @@ def test_bad_config_exits_with_one_clear_message(tmp_path):
     assert p.returncode == 2
     assert "config error: train.global_batch_size=7" in p.stderr
     assert not (tmp_path / "metrics.jsonl").exists()  # refused before any work
+
+
+def test_fp8_on_cpu_exits_with_one_clear_message_before_any_work(tmp_path):
+    """`precision=fp8` on this CPU machine: exit 2 at config validation (no process group, no DeepSpeed engine,
+    no data), one line naming precision=fp8, what is missing and what to use instead."""
+    p = subprocess.run([sys.executable, "launch/pretrain.py", "precision=fp8", f"run_dir={tmp_path}",
+                        "data.root=/nonexistent/fp8-never-read"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2, (p.stdout[-2000:], p.stderr[-3000:])
+    errors = [line for line in p.stderr.splitlines() if line.startswith("config error:")]
+    assert errors == ["config error: precision=fp8 needs an NVIDIA GPU with fp8 tensor cores (Hopper or Blackwell, "
+                      "compute capability >= 9.0); this machine has no CUDA device: use precision=bf16 (or fp32 on "
+                      "CPU)"], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "DeepSpeed info" not in p.stdout + p.stderr
+    assert not any(tmp_path.iterdir())  # refused before any work: not even config.yaml in the run directory

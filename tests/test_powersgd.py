@@ -111,8 +111,13 @@ def test_shapes_and_refusals():
     assert compressed_shape(torch.empty(8, 4, 4), 2) == (8, 16)
     assert compressed_shape(torch.empty(64), 4) is None          # vectors: whole
     assert compressed_shape(torch.empty(6, 6), 4) is None        # (6 + 6) * 4 >= 36: would not shrink
-    check_powersgd(0)
-    with pytest.raises(ValueError, match="needs zero.stage=0 .* zero.stage=1"):
-        check_powersgd(1)
+    check_powersgd(4, 10, 0)
+    check_powersgd(0, 10, 3)  # off: anything goes
+    with pytest.raises(ValueError, match="parallel.powersgd.rank=4 needs zero.stage=0 .* zero.stage=1"):
+        check_powersgd(4, 10, 1)
+    with pytest.raises(ValueError, match="parallel.powersgd.warmup_steps=-1 must be >= 0"):
+        check_powersgd(4, -1, 0)
+    with pytest.raises(ValueError, match="parallel.powersgd.rank=4 with parallel.ep=2"):
+        check_powersgd(4, 10, 0, ep=2)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         PowerSGD(rank=0)

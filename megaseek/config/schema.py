@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional
 
 from megaseek.model.config import ModelConfig
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 OFFLOAD = ("none", "cpu")
 
 
@@ -103,6 +103,9 @@ def validate(cfg: Mapping, world_size: int, has_cuda: Optional[bool] = None) -> 
     if prec == "fp16" and not has_cuda:
         raise ConfigError("precision=fp16 needs a GPU: DeepSpeed's CPU accelerator has no fp16 "
                           "(\"Type fp16 is not supported on your device\"). Use precision=bf16 or precision=fp32 on CPU")
+    if prec == "fp8":  # fp8 tensor cores (Hopper / Blackwell) and torchao or Transformer Engine, else one message
+        from megaseek.distributed.fp8 import check_fp8_run
+        check_fp8_run(has_cuda)
 
     stage = int(_get(cfg, "zero.stage", 0))
     if stage not in (0, 1, 2, 3):
@@ -115,6 +118,9 @@ def validate(cfg: Mapping, world_size: int, has_cuda: Optional[bool] = None) -> 
         raise ConfigError("zero.offload_optimizer=cpu needs zero.stage >= 1")
     if off_par != "none" and stage != 3:
         raise ConfigError(f"zero.offload_param=cpu needs zero.stage=3 (got zero.stage={stage})")
+    from megaseek.distributed.powersgd import check_powersgd
+    check_powersgd(_get(cfg, "parallel.powersgd.rank", 0), _get(cfg, "parallel.powersgd.warmup_steps", 0), stage,
+                   layout.ep)
     if layout.pp > 1 and stage >= 2:
         raise ConfigError(
             f"parallel.pp={layout.pp} with zero.stage={stage}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 "

@@ -58,6 +58,15 @@ class TrainConfig:
 
 
 @dataclass
+class PowerSGDSection:
+    """PowerSGD compression of the data-parallel gradient reduction (megaseek/distributed/powersgd.py), at
+    zero.stage=0 only. Each matrix gradient (n, m) moves (n + m) * rank numbers instead of n * m."""
+    rank: int = 0                    # 0: off (DeepSpeed's plain all-reduce)
+    warmup_steps: int = 10           # the first optimizer steps all-reduce everything (restart on resume)
+    error_feedback: bool = True      # carry what the compression dropped into the next step
+
+
+@dataclass
 class ParallelConfig:
     """Tensor and pipeline degree; data-parallel degree = world size / (tp * pp)."""
     tp: int = 1
@@ -65,6 +74,7 @@ class ParallelConfig:
     ep: int = 1                      # expert parallel: routed experts sharded over ep data-parallel ranks (MoE)
     sequence_parallel: bool = False
     partition: str = "parameters"    # pipeline stages balanced by `parameters` or `uniform` layer counts
+    powersgd: PowerSGDSection = field(default_factory=PowerSGDSection)
 
 
 @dataclass
@@ -95,7 +105,7 @@ class OptimizerConfig:
 
 @dataclass
 class PrecisionConfig:
-    name: str = "fp32"               # fp32 | bf16 | fp16
+    name: str = "fp32"               # fp32 | bf16 | fp16 | fp8 (GPU only, see distributed/fp8.py)
     # fp16 dynamic loss scaling: initial 2^16, x2 after `loss_scale_window` clean steps, x0.5 on overflow
     initial_scale_power: int = 16
     loss_scale_window: int = 2000

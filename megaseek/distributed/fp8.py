@@ -49,8 +49,21 @@ def check_fp8(has_cuda: bool, device_capability: Optional[Sequence[int]],
     raise _error("precision=fp8 needs torchao (pip install torchao) or Transformer Engine; neither is installed")
 
 
-def check_fp8_here() -> str:
-    """check_fp8 for this process's device (cuda:0 when present)."""
+def check_fp8_here(has_cuda: Optional[bool] = None) -> str:
+    """check_fp8 for this process's device (cuda:0 when present). `has_cuda`: what config validation
+    decided (False on a CPU run even where CUDA exists); None: look it up."""
     import torch
-    has = torch.cuda.is_available()
+    has = torch.cuda.is_available() if has_cuda is None else bool(has_cuda) and torch.cuda.is_available()
     return check_fp8(has, torch.cuda.get_device_capability() if has else None)
+
+
+def check_fp8_run(has_cuda: Optional[bool] = None) -> None:
+    """What config validation calls for `precision=fp8`: the hardware / library check above, then a refusal
+    on qualifying GPUs too, because the training job does not convert its layers yet. torchao's
+    `convert_to_float8_training` swaps `nn.Linear` modules, and megaseek's projections are tensor-parallel
+    modules calling `F.linear` on their shard (ColumnParallelLinear, RowParallelLinear, KVProjection,
+    ReplicatedLinear, the tied head): they need a float8 matmul of their own, which cannot be verified
+    without an fp8 GPU. Refusing keeps `precision=fp8` from silently training in fp32."""
+    backend = check_fp8_here(has_cuda)
+    raise _error(f"precision=fp8: this GPU and {backend} qualify, but the float8 conversion of megaseek's "
+                 f"tensor-parallel linear layers is not wired into the training job yet; use precision=bf16")

@@ -16,7 +16,13 @@ is exact (P^ spans its columns). Vectors (norms, biases) and matrices that would
 n m) are all-reduced whole, in one flat buffer. The first `warmup_steps` calls all-reduce everything (the
 paper's "start the compression after a few epochs" practice: early gradients change fast) and leave the
 error memory at zero. The bytes of every collective are counted by the tensor-parallel CommCounter when
-one is active (ops `powersgd_p`, `powersgd_q`, `powersgd_dense`).
+one is active (ops `powersgd_p`, `powersgd_q`, `powersgd_dense`), and, as all torch.distributed calls, by
+the metrics hub's collective counter (megaseek/monitor/comm.py: `comm_bytes` per step in metrics.jsonl).
+
+In the training job (`parallel.powersgd.rank` > 0, zero.stage=0) the step runner turns DeepSpeed's backward
+all-reduce off and calls `reduce(dp_gradients(module))` over the data-parallel group after the last
+backward, before the gradient norm and clipping. The reducer's state (step, Q, error memory) is not
+checkpointed: a resumed run starts its warm-up again.
 """
 from __future__ import annotations
 
@@ -27,14 +33,50 @@ import torch
 import torch.distributed as dist
 
 
-def check_powersgd(zero_stage: int, pipeline: int = 1) -> None:
-    """PowerSGD replaces the data-parallel all-reduce, so it needs a reduction we own: ZeRO stage 0 (DeepSpeed
-    does not reduce gradients itself there when we call the reducer). ZeRO 1-3 partition and reduce the
-    gradients inside DeepSpeed's optimizer (reduce-scatter), where a low-rank reduction cannot be inserted."""
-    if int(zero_stage) != 0:
-        raise ValueError(f"PowerSGD gradient compression needs zero.stage=0 (we own the data-parallel reduction "
-                         f"there); zero.stage={zero_stage} reduces gradients inside DeepSpeed's ZeRO optimizer. "
-                         f"Use zero.stage=0 or turn the compression off")
+def _error(msg: str) -> Exception:
+    try:  # the config package's error when it is there (the launchers exit 2 on it)
+        from megaseek.config.schema import ConfigError
+        return ConfigError(msg)
+    except ImportError:
+        return ValueError(msg)
+
+
+def check_powersgd(rank: int, warmup_steps: int, zero_stage: int, ep: int = 1) -> None:
+    """`parallel.powersgd.*` against the run. PowerSGD replaces the data-parallel all-reduce, so it needs a
+    reduction we own: ZeRO stage 0, where DeepSpeed's backward all-reduce can be turned off and the reducer
+    runs on the module's gradients before the gradient norm. ZeRO 1-3 partition and reduce the gradients
+    inside DeepSpeed's ZeRO optimizer (reduce-scatter into its flat partitions), where a low-rank reduction
+    cannot be inserted. Tensor and pipeline parallelism are fine: every (tp, pp) rank compresses its own
+    shard over its own data-parallel group (an exact reduction stays exact; at low rank each shard is
+    approximated on its own)."""
+    rank, warmup_steps, zero_stage = int(rank), int(warmup_steps), int(zero_stage)
+    if rank == 0:
+        return
+    if rank < 0:
+        raise _error(f"parallel.powersgd.rank={rank} must be >= 1 (or 0: compression off)")
+    if warmup_steps < 0:
+        raise _error(f"parallel.powersgd.warmup_steps={warmup_steps} must be >= 0")
+    if zero_stage != 0:
+        raise _error(f"parallel.powersgd.rank={rank} needs zero.stage=0 (we own the data-parallel reduction "
+                     f"there); zero.stage={zero_stage} reduces gradients inside DeepSpeed's ZeRO optimizer. "
+                     f"Use zero.stage=0, or parallel.powersgd.rank=0 to turn the compression off")
+    if int(ep) > 1:
+        raise _error(f"parallel.powersgd.rank={rank} with parallel.ep={ep}: expert gradients are reduced over the "
+                     f"expert-data-parallel group, which the reducer does not handle; use parallel.ep=1")
+
+
+def dp_gradients(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The gradients the data-parallel reduction averages, in parameter order (the same list on every
+    data-parallel rank of a stage). A trainable parameter without a gradient gets zeros, as DeepSpeed's own
+    reduction does, so every rank reduces tensors of the same shapes."""
+    out = []
+    for p in module.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        out.append(p.grad)
+    return out
 
 
 def _counter():
@@ -77,6 +119,8 @@ class PowerSGD:
 
     def __init__(self, group=None, rank: int = 4, warmup_steps: int = 10, error_feedback: bool = True,
                  seed: int = 0):
+        """`group`: the data-parallel process group (None: the default group). A resumed run builds a new
+        reducer: warm-up, the right factors Q and the error memory start again from scratch."""
         if rank < 1:
             raise ValueError(f"PowerSGD rank must be >= 1, got {rank}")
         if warmup_steps < 0:

@@ -12,7 +12,9 @@ accumulation loop. Per global batch:
   3. Before the optimizer step: the tied embedding's gradient summed over first + last stage (pp > 1), the
      data-parallel reduction where we own it (pp > 1: DeepSpeed's backward all-reduce is off, since stages
      reduce after their last backward), and at ZeRO-0 the global gradient norm, from which a non-finite step
-     is skipped on every rank alike.
+     is skipped on every rank alike. With PowerSGD (`parallel.powersgd.rank` > 0, ZeRO-0) DeepSpeed's
+     backward all-reduce is off at every pp and the reducer averages the gradients over the data-parallel
+     group here, so the norm, clipping and the step see the compressed mean.
 """
 from __future__ import annotations
 
@@ -60,8 +62,9 @@ class StepRunner:
     """Runs steps of one objective for this rank's stage; knows nothing of the loop around it."""
 
     def __init__(self, engine, stage, groups: ParallelGroups, objective, *, micro_batch: int, seq_len: int,
-                 zero_stage: int, device):
+                 zero_stage: int, device, powersgd=None):
         self.engine, self.stage, self.groups, self.objective = engine, stage, groups, objective
+        self.powersgd = powersgd  # a PowerSGD over groups.dp (megaseek/distributed/powersgd.py), or None
         self.zero_stage, self.device = zero_stage, torch.device(device)
         self.module = engine.module
         sp = stage.ctx.sequence_parallel
@@ -69,7 +72,7 @@ class StepRunner:
         dtype = next(engine.module.parameters()).dtype
         self.comm = StageComm(groups.pp.ranks, stage.index, (micro_batch, s_local, self.module.cfg.hidden_size),
                               dtype, self.device)
-        if stage.stages > 1:
+        if stage.stages > 1 or powersgd is not None:
             self.engine.enable_backward_allreduce = False  # we reduce after the last backward (see 3.)
 
     # --- pieces ---
@@ -90,6 +93,10 @@ class StepRunner:
         if st.stages > 1:
             if st.tied_weight is not None and st.tied_weight.grad is not None:
                 dist.all_reduce(st.tied_weight.grad, group=self.groups.embed.group)
+        if self.powersgd is not None:
+            from megaseek.distributed.powersgd import dp_gradients
+            self.powersgd.reduce(dp_gradients(self.module))  # the (compressed) mean over groups.dp
+        elif st.stages > 1:
             self.engine.allreduce_gradients()
         if self.zero_stage == 0:
             self._grad_norm = global_grad_norm(self.module, self.groups)

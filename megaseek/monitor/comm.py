@@ -12,6 +12,10 @@ Nothing is added to the collectives themselves: no barrier, no device synchroniz
 - Asynchronous calls (`async_op=True`) count until they are issued; the wait happens elsewhere.
 Nested calls (all_gather_object -> all_gather) count once. The wrapping is process-wide and reference
 counted, so several hubs in one process share it.
+
+Bytes: each call also counts the bytes of the tensors it is given (an all-reduce: the reduced tensor; an
+all-gather: the output list and the input), read with `take_bytes()`: the logical volume this rank hands to
+collectives, e.g. to compare a compressed gradient reduction (PowerSGD) with DeepSpeed's plain all-reduce.
 """
 from __future__ import annotations
 
@@ -36,9 +40,19 @@ class _State:
     saved: list = []          # (owner, attribute, original)
     seconds = 0.0             # host-timed seconds since the last take
     calls = 0
+    nbytes = 0                # tensor bytes handed to collectives since the last take_bytes
     events: list = []         # (start, end) CUDA events not yet read
     local = threading.local()
     use_cuda = False
+
+
+def _tensor_bytes(args, kwargs) -> int:
+    n = 0
+    for a in list(args) + list(kwargs.values()):
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, torch.Tensor):
+                n += t.numel() * t.element_size()
+    return n
 
 
 def _wrap(fn):
@@ -48,6 +62,7 @@ def _wrap(fn):
         if getattr(st.local, "depth", 0):  # nested: the outer call counts
             return fn(*args, **kwargs)
         st.local.depth = 1
+        st.nbytes += _tensor_bytes(args, kwargs)
         try:
             if st.use_cuda and not torch.cuda.is_current_stream_capturing():
                 start = torch.cuda.Event(enable_timing=True)
@@ -102,7 +117,7 @@ class CommTimer:
         with st.lock:
             if st.users == 0:
                 st.use_cuda = torch.cuda.is_available()
-                st.seconds, st.calls, st.events = 0.0, 0, []
+                st.seconds, st.calls, st.events, st.nbytes = 0.0, 0, [], 0
                 for owner in _owners():
                     for name in COLLECTIVES:
                         fn = getattr(owner, name, None)
@@ -133,6 +148,13 @@ class CommTimer:
             except Exception:  # an event that never ran: count the host time
                 secs += host
         return secs, calls
+
+    def take_bytes(self) -> int:
+        """Tensor bytes handed to collectives since the last take_bytes, all threads of this process."""
+        st = _State
+        with st.lock:
+            n, st.nbytes = st.nbytes, 0
+        return n
 
     def uninstall(self) -> None:
         if not self.installed:

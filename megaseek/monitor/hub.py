@@ -118,6 +118,7 @@ class MetricsHub:
             from megaseek.monitor.comm import CommTimer
             self.comm = CommTimer().install()
             self.comm.take()  # count from now
+            self.comm.take_bytes()
 
         self.prom = self._start_prometheus(log_cfg, rc)
         self.slow = self._start_slow_sinks(log_cfg, rc, start_step) if rank == 0 else None
@@ -174,6 +175,7 @@ class MetricsHub:
         if self.comm is not None:
             secs, _ = self.comm.take()
             mine["time_comm_s"] = secs / n_steps
+            mine["comm_bytes"] = self.comm.take_bytes() / n_steps  # this rank's, per step
         if self.system is not None:
             mine.update(self.system.sample())
         for k, v in mine.items():

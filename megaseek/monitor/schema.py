@@ -72,6 +72,8 @@ _ROWS = [
     Metric("time_backward_s", "time", "backward time per step", "backward_seconds"),
     Metric("time_step_s", "time", "optimizer step time per step", "optimizer_step_seconds"),
     Metric("time_comm_s", "time", "time inside torch.distributed collectives per step", "communication_seconds"),
+    Metric("comm_bytes", "time", "tensor bytes this rank handed to torch.distributed collectives per step",
+           "communication_bytes"),
     Metric("time_monitor_s", "time", "time in the metrics hub on the training thread per step", "monitor_seconds"),
     # this process and its host
     Metric("cpu_percent", "sys", "CPU of this rank's process (100 = one core)", "process_cpu_percent"),

@@ -71,6 +71,17 @@ def sample_text(model, stage, groups, tokenizer_path, run, device) -> Optional[s
     return tok.decode(prompt + new)
 
 
+def powersgd_reducer(section, groups: ParallelGroups, seed: int):
+    """`parallel.powersgd`: the data-parallel gradient reducer (validated at ZeRO-0), or None when rank=0."""
+    if int(section.rank) <= 0:
+        return None
+    from megaseek.distributed.powersgd import PowerSGD
+    log0(f"[powersgd] rank {section.rank}, {section.warmup_steps} warm-up steps, error feedback "
+         f"{'on' if section.error_feedback else 'off'}, over {groups.dp.size} data-parallel ranks")
+    return PowerSGD(groups.dp.group, rank=int(section.rank), warmup_steps=int(section.warmup_steps),
+                    error_feedback=bool(section.error_feedback), seed=seed)
+
+
 @dataclass
 class Job:
     """A built run: everything `run()` needs, kept for tools and tests (the model at its layout, the groups)."""
@@ -164,7 +175,8 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
              f"{[b - a for a, b in partition(run.model, layout.pp, run.parallel.partition)]}, "
              f"{layout.grad_accum} micro-batches, 1F1B")
     runner = StepRunner(engine, stage, groups, objective or NextTokenObjective(), micro_batch=layout.micro_batch,
-                        seq_len=layout.seq_len, zero_stage=run.zero.stage, device=denv.device)
+                        seq_len=layout.seq_len, zero_stage=run.zero.stage, device=denv.device,
+                        powersgd=powersgd_reducer(run.parallel.powersgd, groups, run.seed))
     manager = CheckpointManager(run_dir, engine, groups, run.model, data.tokenizer_path,
                                 skip_params=[stage.tied_copy] if stage.tied_copy is not None else [],
                                 rng_tracker=stage.rng, keep=run.train.ckpt_keep, native=run.train.ckpt_native,

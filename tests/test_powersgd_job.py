@@ -1,0 +1,91 @@
+"""PowerSGD inside the real training job (parallel.powersgd.*, ZeRO-0, dp=2), all runs in one 2-process launch:
+
+- warm-up covering every step (the reducer's full all-reduce replaces DeepSpeed's backward all-reduce) equals
+  the plain dp=2 run within 1e-6 (losses and grad norms);
+- rank 4 after warm-up: the loop's bytes per step (the collective counter, `comm_bytes` in metrics.jsonl)
+  against the plain run's within 5% of `theoretical_ratio` of the model's gradients;
+- error feedback on vs off: the same until the error memory is first used, different after;
+- bad config refused with one ConfigError naming the key (ZeRO > 0, negative rank).
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import compose, run_world
+from tests.test_equivalence import COMMON
+
+STEPS = 5
+BASE = ["zero.stage=0", "train.micro_batch_size=2", f"train.steps={STEPS}"]
+RUNS = {
+    "plain": [],
+    "warm": ["parallel.powersgd.rank=4", f"parallel.powersgd.warmup_steps={STEPS}"],
+    "ef_on": ["parallel.powersgd.rank=4", "parallel.powersgd.warmup_steps=1"],
+    "ef_off": ["parallel.powersgd.rank=4", "parallel.powersgd.warmup_steps=1", "parallel.powersgd.error_feedback=false"],
+}
+
+
+def _jobs(rank, world, base, data_root):
+    from megaseek.train.job import build_job
+    out = {}
+    for name, extra in RUNS.items():
+        d = str(Path(base) / name)
+        job = build_job(compose(COMMON + BASE + extra + [f"data.root={data_root}", f"run_dir={d}"]))
+        if name == "plain":  # the gradient shapes this rank reduces (its stage's trainable parameters)
+            out["shapes"] = [tuple(p.shape) for p in job.engine.module.parameters() if p.requires_grad]
+        job.run_job()
+        if rank == 0:
+            out[name] = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(data_root, tmp_path_factory):
+    base = tmp_path_factory.mktemp("powersgd_job")
+    return run_world(2, _jobs, str(base), str(data_root), timeout=600)[0]
+
+
+def test_full_warmup_equals_plain_data_parallel(runs):
+    plain, warm = runs["plain"], runs["warm"]
+    assert [r["step"] for r in warm] == list(range(1, STEPS + 1))
+    dl = max(abs(a["loss"] - b["loss"]) for a, b in zip(plain, warm))
+    dg = max(abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in zip(plain, warm))
+    print(f"PowerSGD warm-up (full all-reduce by the reducer) vs DeepSpeed's all-reduce, dp=2, {STEPS} steps: "
+          f"max |dloss| {dl:.2e}, max grad-norm rel. diff {dg:.2e}")
+    assert dl < 1e-6 and dg < 1e-6
+    assert plain[-1]["loss"] < plain[0]["loss"] - 0.2  # it trains
+
+
+def test_bytes_per_step_rank4_match_theoretical_ratio(runs):
+    from megaseek.distributed.powersgd import theoretical_ratio
+    theory = theoretical_ratio(runs["shapes"], 4)
+    plain = [r["comm_bytes"] for r in runs["plain"]]
+    comp = [r["comm_bytes"] for r in runs["ef_on"]]
+    warm = [r["comm_bytes"] for r in runs["warm"]]
+    measured = comp[2] / plain[2]  # step 3: compressed (warm-up was step 1)
+    print(f"PowerSGD rank 4 in the loop, dp=2: {comp[2]:,.0f} vs {plain[2]:,.0f} bytes per step on rank 0 "
+          f"(ratio {measured:.4f}, theory {theory:.4f}); warm-up steps {warm[2]:,.0f}")
+    assert comp[0] == pytest.approx(plain[0], rel=0.01)  # warm-up step: everything whole
+    assert abs(measured / theory - 1) < 0.05 and measured < 0.25
+    assert warm[2] == pytest.approx(plain[2], rel=0.01)  # full reduction by the reducer = DeepSpeed's volume
+
+
+def test_error_feedback_on_vs_off(runs):
+    on, off = [r["loss"] for r in runs["ef_on"]], [r["loss"] for r in runs["ef_off"]]
+    plain = [r["loss"] for r in runs["plain"]]
+    print(f"PowerSGD rank 4 losses: error feedback on {on}, off {off}, uncompressed {plain}")
+    # step 1 warm-up, step 2 the first compression (error memory empty): the same updates; the loss of step
+    # 4 sees the step-3 update, the first that adds the error memory
+    assert max(abs(a - b) for a, b in zip(on[:3], off[:3])) < 1e-6
+    assert abs(on[3] - off[3]) > 1e-4 and abs(on[4] - off[4]) > 1e-4
+    assert abs(on[2] - plain[2]) > 1e-4  # the compression is on from step 2
+
+
+def test_bad_powersgd_config_refused():
+    from megaseek.config.schema import ConfigError, validate
+    with pytest.raises(ConfigError, match=r"parallel.powersgd.rank=4 needs zero.stage=0 .* zero.stage=1"):
+        validate(compose(["parallel.powersgd.rank=4", "zero.stage=1"]), 2, has_cuda=False)
+    with pytest.raises(ConfigError, match=r"parallel.powersgd.rank=-1 must be >= 1"):
+        validate(compose(["parallel.powersgd.rank=-1", "zero.stage=0"]), 2, has_cuda=False)
+    validate(compose(["parallel.powersgd.rank=4", "zero.stage=0"]), 2, has_cuda=False)
+    validate(compose(["zero.stage=1"]), 2, has_cuda=False)  # off by default
