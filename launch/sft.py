@@ -1,32 +1,7 @@
 """Supervised fine-tuning: `python launch/sft.py train.init_from=DIR data.train=FILE [data.valid=FILE]`
 (or under `deepspeed` / `torchrun`, any tp / dp / ZeRO stage). data files: JSON Lines of
 {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}; the loss is on assistant tokens."""
-import sys
-
-from megaseek.distributed.env import quiet_startup, strip_local_rank_arg
-
-sys.argv = strip_local_rank_arg(sys.argv)  # the deepspeed launcher's --local_rank=N must not reach Hydra
-quiet_startup()
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from megaseek.config.launch import refuse_unknown_overrides  # noqa: E402
-
-refuse_unknown_overrides(sys.argv[1:])
-
-
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from megaseek.config.schema import ConfigError
-    from megaseek.data.chat import ChatDataError
-    from megaseek.tasks.sft import run
-    try:
-        run(cfg)
-    except (ConfigError, ChatDataError) as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
+from megaseek.train.entry import stage_main
 
 if __name__ == "__main__":
-    main()
+    stage_main("megaseek.tasks.sft:run", __file__)
