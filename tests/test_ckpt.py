@@ -50,6 +50,7 @@ def test_stop_and_resume_equals_uninterrupted_bitwise(data_root, tmp_path):
         part = _losses(_metrics(tmp_path / f"part{z}"))
         assert len(part) == 8 and part[:4] == full[:4]
         assert part[4:] == full[4:], (z, part[4:], full[4:])  # bitwise
+        assert not any("layout_change" in r for r in _metrics(tmp_path / f"part{z}"))  # same layout: no record
         assert json.loads((tmp_path / f"part{z}" / "checkpoints" / "global_step8" / "state.json").read_text())[
             "consumed_samples"] == 64
 
@@ -65,10 +66,20 @@ def test_resume_at_another_layout_continues_the_losses(data_root, tmp_path):
                                 (moved, CK + ["train.steps=8", "zero.stage=1"]),
                                 (piped, CK + ["train.steps=8", "zero.stage=1"])], str(data_root))[0]
     want = _losses(res[ref])
-    for d in (moved, piped):
-        got = _losses(_metrics(d))
+    one = {"world_size": 1, "dp": 1, "tp": 1, "pp": 1, "ep": 1}
+    for d, before in ((moved, {"world_size": 4, "dp": 2, "tp": 2, "pp": 1, "ep": 1}),
+                      (piped, {"world_size": 4, "dp": 1, "tp": 2, "pp": 2, "ep": 1})):
+        recs = _metrics(d)
+        got = _losses(recs)
         assert len(got) == 8
         assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, (d, got, want)
+        # the resume at another layout is recorded in the first record after it (and only there)
+        changes = [(r["step"], r["layout_change"]) for r in recs if "layout_change" in r]
+        assert len(changes) == 1 and changes[0][0] == 5, changes
+        rec = changes[0][1]
+        assert (rec["event"], rec["reason"], rec["step"]) == ("layout_change", "shrink", 4)
+        assert rec["previous_layout"] == before and rec["layout"] == one
+        assert "grad_accum" in rec["message"] and rec["message"].startswith("[elastic] shrink at step 4: world_size=4->1")
     man = C.read_manifest(Path(moved) / "checkpoints" / "global_step8")
     assert man["layout"] == {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}
 

@@ -27,11 +27,14 @@ def test_layout_change_record():
     assert layout_change(dp2, dict(dp2, grad_accum=2), 6) is None  # same layout
     rec = layout_change(dp2, dp1, 4)
     assert rec == {"step": 4, "event": "layout_change", "reason": "shrink",
-                   "layout": {"world_size": 1, "dp": 1, "tp": 1, "pp": 1},
-                   "previous_layout": {"world_size": 2, "dp": 2, "tp": 1, "pp": 1},
+                   "layout": {"world_size": 1, "dp": 1, "tp": 1, "pp": 1, "ep": 1},
+                   "previous_layout": {"world_size": 2, "dp": 2, "tp": 1, "pp": 1, "ep": 1},
                    "message": "[elastic] shrink at step 4: world_size=2->1 dp=2->1, grad_accum 2->4 (same global batch)"}
     assert layout_change(dp1, dp2, 9)["reason"] == "grow"
     assert layout_change({"tp": 2, "pp": 1, "dp": 2}, {"tp": 1, "pp": 2, "dp": 2}, 3)["reason"] == "reshape"
+    ep = layout_change(dict(dp2, ep=2), dp2, 5)  # manifests name ep only when > 1
+    assert ep["reason"] == "reshape" and ep["message"] == "[elastic] reshape at step 5: ep=2->1"
+    assert layout_change(dp2, dict(dp2, ep=1), 5) is None
     with pytest.raises(ValueError, match="changes the global batch 16 -> 32"):
         layout_change(dict(dp2, global_batch=16), dict(dp1, global_batch=32), 4)
     with pytest.raises(ValueError, match="lacks dp"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Optional
 
-AXES = ("world_size", "dp", "tp", "pp")
+AXES = ("world_size", "dp", "tp", "pp", "ep")
 
 
 def _layout(d: Mapping, what: str) -> dict:
@@ -26,6 +26,7 @@ def _layout(d: Mapping, what: str) -> dict:
         raise ValueError(f"{what} layout {dict(d)} lacks {', '.join(missing)}")
     out = {k: int(d[k]) for k in ("dp", "tp", "pp")}
     out["world_size"] = int(d.get("world_size", out["dp"] * out["tp"] * out["pp"]))
+    out["ep"] = int(d.get("ep") or 1)  # manifests name ep only when > 1
     if out["world_size"] != out["dp"] * out["tp"] * out["pp"]:
         raise ValueError(f"{what} layout {dict(d)}: world_size is not dp * tp * pp")
     for k in ("grad_accum", "micro_batch", "global_batch"):
@@ -36,8 +37,10 @@ def _layout(d: Mapping, what: str) -> dict:
 
 def layout_change(previous: Optional[Mapping], current: Mapping, step: int) -> Optional[dict]:
     """The record to log when a run resumes at `step` from a checkpoint saved at layout `previous` (its
-    manifest's `layout`: dp, tp, pp, world_size; None for a fresh start) with this run's layout `current`
-    (dp, tp, pp, world_size, optionally grad_accum, micro_batch, global_batch). None when nothing changed.
+    manifest's `layout`: dp, tp, pp, world_size, ep when > 1; None for a fresh start) with this run's layout
+    `current` (dp, tp, pp, world_size, optionally ep, grad_accum, micro_batch, global_batch). None when nothing
+    changed. The training job logs the message and puts the record, under the key `layout_change`, into the
+    first metrics.jsonl record after the resume (every line stays a step record).
 
     reason: `shrink` (fewer ranks: nodes were lost), `grow` (more ranks: nodes came back or were added) or
     `reshape` (same number of ranks, another dp/tp/pp split)."""
@@ -56,7 +59,7 @@ def layout_change(previous: Optional[Mapping], current: Mapping, step: int) -> O
         raise ValueError(f"elastic restart at step {step} changes the global batch "
                          f"{prev['global_batch']} -> {cur['global_batch']}: train.global_batch_size must stay "
                          f"fixed across restarts, or the samples of each step change")
-    desc = " ".join(f"{k}={prev[k]}->{cur[k]}" for k in ("world_size", "dp", "tp", "pp") if prev[k] != cur[k])
+    desc = " ".join(f"{k}={prev[k]}->{cur[k]}" for k in AXES if prev[k] != cur[k])
     if "grad_accum" in cur:
         before = prev.get("grad_accum")
         if before is None and "global_batch" in cur and "micro_batch" in cur:  # the manifest has no batch
@@ -68,6 +71,6 @@ def layout_change(previous: Optional[Mapping], current: Mapping, step: int) -> O
 
 
 def checkpoint_layout(ckpt: Path) -> dict:
-    """The layout recorded in a checkpoint's manifest (dp, tp, pp, world_size)."""
+    """The layout recorded in a checkpoint's manifest (dp, tp, pp, world_size, ep when > 1)."""
     from megaseek.ckpt.checkpoint import read_manifest
     return dict(read_manifest(Path(ckpt))["layout"])

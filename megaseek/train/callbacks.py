@@ -27,16 +27,31 @@ def _any_rank(flag: bool) -> bool:
 
 
 class Resume(Callback):
-    """Continue from the newest valid checkpoint of the run directory (any layout), if there is one."""
+    """Continue from the newest valid checkpoint of the run directory (any layout), if there is one.
 
-    def __init__(self, state, log=print):
-        self.state, self.log = state, log
+    With this run's `layout` (dp, tp, pp, ep, world_size, micro_batch, global_batch, grad_accum) given, a
+    resume at another layout than the checkpoint's (an elastic shrink or regrow, a reshape) is logged and
+    recorded (megaseek/distributed/elastic.py): as a `Metrics` extra hook, the record goes under the key
+    `layout_change` into the first metrics.jsonl record after the resume."""
+
+    def __init__(self, state, log=print, layout: Optional[dict] = None):
+        self.state, self.log, self.layout = state, log, layout
+        self.change: Optional[dict] = None
 
     def on_fit_start(self, t) -> None:
         path = self.state.newest()
         if path is not None:
             t.set_step(self.state.restore(path))
             self.log(f"[ckpt] resumed from {path.name} at step {t.step}")
+            if self.layout is not None:
+                from megaseek.distributed.elastic import checkpoint_layout, layout_change
+                self.change = layout_change(checkpoint_layout(path), self.layout, t.step)
+                if self.change is not None:
+                    self.log(self.change["message"])
+
+    def __call__(self, t) -> dict:
+        change, self.change = self.change, None
+        return {"layout_change": change} if change else {}
 
 
 class Checkpointing(Callback):

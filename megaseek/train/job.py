@@ -201,16 +201,19 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
         from megaseek.model.generate import PipelinePeers
         pipe = PipelinePeers(groups.pp.ranks, groups.pp.rank, groups.pp.group) if stage.stages > 1 else None
         downstream = DownstreamEval(engine.module, pipe, data.tokenizer_path, run.train, run_dir, denv.rank, log0)
+    resume = C.Resume(state, log0, layout={"dp": layout.dp, "tp": layout.tp, "pp": layout.pp, "ep": layout.ep,
+                                           "world_size": layout.world_size, "micro_batch": layout.micro_batch,
+                                           "global_batch": layout.global_batch, "grad_accum": layout.grad_accum})
     fp16 = run.precision.name == "fp16"
     metrics = C.Metrics(
         lambda start: MetricsHub(cfg.logging, run_dir, denv.rank, layout.world_size, run.train.steps, start, resolved),
         run.train.log_interval, layout.global_batch * layout.seq_len, layout.global_batch, layout.world_size,
         flops, peak, lr_fn=lambda: scheduler.get_last_lr()[0],
         loss_scale_fn=lambda: getattr(engine.optimizer, "cur_scale", None) if fp16 else None,
-        extra=(evaluation,) + ((downstream,) if downstream else ()))
+        extra=(resume, evaluation) + ((downstream,) if downstream else ()))
     if downstream:
         downstream.metrics = metrics
-    callbacks = [C.Resume(state, log0),
+    callbacks = [resume,
                  C.Stability(state, run.train.max_bad_steps, run.train.on_bad_steps, run.train.max_rollbacks, log0),
                  metrics] + ([downstream] if downstream else []) + [
                  C.Preemption(), C.Checkpointing(state, run_dir, run.train.save_interval, log0),
