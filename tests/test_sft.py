@@ -72,6 +72,26 @@ def test_jsonl_bad_lines_counted_and_unlearnable_refused_by_name(tok, tmp_path):
         read_sft_jsonl(q, tok, 64)
 
 
+def test_preference_jsonl_bad_lines_counted_and_unusable_refused_by_name(tok, tmp_path):
+    """The same JSONL contract for preference pairs (one reader, megaseek/data/chat.py::read_jsonl)."""
+    from megaseek.tasks.preference import read_pairs
+    p = tmp_path / "pairs.jsonl"
+    good = json.dumps({"prompt": "hello world", "chosen": "the fox", "rejected": "brown", "margin": 1.5})
+    p.write_text("\n".join([good, "{not json", json.dumps({"prompt": "x", "chosen": "y"}),
+                            json.dumps({"prompt": "x", "chosen": "y", "rejected": "z", "margin": "big"}),
+                            "", good]) + "\n")
+    logs = []
+    rows = read_pairs(p, tok, 32, log=logs.append)
+    assert len(rows) == 2 and float(rows[0]["margin"]) == 1.5
+    assert logs == [f"[pairs] {p}: 3 bad line(s) skipped, first: {p}:2: " + logs[0].split(f"{p}:2: ", 1)[1]]
+    with pytest.raises(ChatDataError, match="no such preference data file"):
+        read_pairs(tmp_path / "missing.jsonl", tok, 32)
+    long_prompt = json.dumps({"prompt": "hello world " * 40, "chosen": "the fox", "rejected": "brown"})
+    (tmp_path / "long.jsonl").write_text(long_prompt + "\n")
+    with pytest.raises(ChatDataError, match=f"{tmp_path / 'long.jsonl'}:1: no response token"):
+        read_pairs(tmp_path / "long.jsonl", tok, 32)
+
+
 def _grads(model, batch):
     model.zero_grad()
     obj = SFTObjective()

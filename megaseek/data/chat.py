@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -114,39 +114,55 @@ class ReadReport:
     first_bad: Optional[str] = None
 
 
-def read_sft_jsonl(path: str | Path, tok, max_len: int, log=print) -> tuple[list[Example], ReadReport]:
-    """Examples of an SFT JSONL file, truncated to max_len tokens. Malformed lines are counted (and the first
-    one reported), never fatal; an example left with no supervised target after truncation is refused by
-    name (ChatDataError 'file:line')."""
+def read_jsonl(path: str | Path, parse: Callable[[dict, str], object], *, kind: str, tag: str,
+               report: Optional[ReadReport] = None, log=print) -> tuple[list, ReadReport]:
+    """Rows `parse(obj, "file:line")` of a JSON Lines file of `kind` (named in errors). A line that is not JSON,
+    or that `parse` rejects with a ValueError, is counted (the first one reported once, prefixed `[tag]`) and
+    skipped, never fatal. A ChatDataError from `parse` is an example refused by name and is raised; so are a
+    missing file and a file with no usable row."""
     path = Path(path)
     if not path.is_file():
-        raise ChatDataError(f"{path}: no such SFT data file")
-    out, rep = [], ReadReport()
+        raise ChatDataError(f"{path}: no such {kind} data file")
+    rows, rep = [], report if report is not None else ReadReport()
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{n}"
             try:
-                msgs = check_messages(json.loads(line))
-            except (ValueError, json.JSONDecodeError) as e:
+                row = parse(json.loads(line), where)
+            except ChatDataError:
+                raise
+            except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
                 rep.bad_lines += 1
                 rep.first_bad = rep.first_bad or f"{where}: {e}"
                 continue
-            ids, sup = encode_chat(tok, msgs)
-            if len(ids) > max_len:
-                ids, sup = ids[:max_len], sup[:max_len]
-                rep.truncated += 1
-            if not any(sup[1:]):  # targets are tokens 1.. (token 0 is never predicted)
-                raise ChatDataError(f"{where}: no assistant token left to learn after truncation to {max_len} "
-                                    f"tokens; shorten the example, raise the sequence length or drop it")
-            out.append(Example(ids, sup, where))
-    rep.examples = len(out)
+            rows.append(row)
+    rep.examples = len(rows)
     if rep.bad_lines:
-        log(f"[sft] {path}: {rep.bad_lines} bad line(s) skipped, first: {rep.first_bad}")
-    if not out:
-        raise ChatDataError(f"{path}: no usable SFT example ({rep.bad_lines} bad lines)")
-    return out, rep
+        log(f"[{tag}] {path}: {rep.bad_lines} bad line(s) skipped, first: {rep.first_bad}")
+    if not rows:
+        raise ChatDataError(f"{path}: no usable {kind} example ({rep.bad_lines} bad lines)")
+    return rows, rep
+
+
+def read_sft_jsonl(path: str | Path, tok, max_len: int, log=print) -> tuple[list[Example], ReadReport]:
+    """Examples of an SFT JSONL file, truncated to max_len tokens. Malformed lines are counted (and the first
+    one reported), never fatal; an example left with no supervised target after truncation is refused by
+    name (ChatDataError 'file:line')."""
+    rep = ReadReport()
+
+    def parse(obj, where: str) -> Example:
+        ids, sup = encode_chat(tok, check_messages(obj))
+        if len(ids) > max_len:
+            ids, sup = ids[:max_len], sup[:max_len]
+            rep.truncated += 1
+        if not any(sup[1:]):  # targets are tokens 1.. (token 0 is never predicted)
+            raise ChatDataError(f"{where}: no assistant token left to learn after truncation to {max_len} "
+                                f"tokens; shorten the example, raise the sequence length or drop it")
+        return Example(ids, sup, where)
+
+    return read_jsonl(path, parse, kind="SFT", tag="sft", report=rep, log=log)
 
 
 def example_row(ex: Example, seq_len: int, pad_id: int, doc: int = 0) -> dict:

@@ -18,12 +18,11 @@ and a pair left with no response token is refused naming file:line.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from megaseek.data.chat import ChatDataError, ChatIds, check_messages, encode_chat
+from megaseek.data.chat import ChatDataError, ChatIds, check_messages, encode_chat, read_jsonl
 
 
 def prompt_messages(prompt) -> list:
@@ -71,31 +70,15 @@ def pair_row(prompt: list, chosen: list, rejected: list, seq_len: int, pad_id: i
 
 def read_pairs(path: str | Path, tok, seq_len: int, log=print) -> list[dict]:
     """Rows of a preference JSONL file (bad lines counted and reported once); each row also holds `margin` (())."""
-    path = Path(path)
-    if not path.is_file():
-        raise ChatDataError(f"{path}: no such preference data file")
     pad = ChatIds.of(tok).pad
-    rows, bad, first = [], 0, None
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-                p, c, r = encode_pair(tok, obj)
-            except (ValueError, json.JSONDecodeError) as e:
-                bad += 1
-                first = first or f"{where}: {e}"
-                continue
-            row = pair_row(p, c, r, seq_len, pad, where)
-            row["margin"] = torch.tensor(float(obj.get("margin", 0.0)))
-            rows.append(row)
-    if bad:
-        log(f"[pairs] {path}: {bad} bad line(s) skipped, first: {first}")
-    if not rows:
-        raise ChatDataError(f"{path}: no usable preference pair ({bad} bad lines)")
-    return rows
+
+    def parse(obj: dict, where: str) -> dict:
+        p, c, r = encode_pair(tok, obj)
+        row = pair_row(p, c, r, seq_len, pad, where)
+        row["margin"] = torch.tensor(float(obj.get("margin", 0.0)))
+        return row
+
+    return read_jsonl(path, parse, kind="preference", tag="pairs", log=log)[0]
 
 
 def last_index(document_ids: torch.Tensor, docs: int = 2) -> torch.Tensor:
