@@ -192,6 +192,18 @@ def test_deepseek_v3_preset_counts_what_transformers_counts():
         hf = DeepseekV3ForCausalLM(DeepseekV3Config())
     n_hf = sum(p.numel() for p in hf.parameters())
     assert param_counts(cfg)["total"] == n_hf == 671_026_404_352
+    # active per token (what MFU counts): every weight but the routed experts a token does not use, counted on
+    # HF's own modules: (1 - k / E) of each MoE layer's routed-expert weights drop out.
+    k, e = hf.config.num_experts_per_tok, hf.config.n_routed_experts
+    routed = sum(p.numel() for n, p in hf.named_parameters() if ".mlp.experts." in n)
+    active_hf = n_hf - routed * (e - k) // e
+    counts = param_counts(cfg)
+    assert counts["active"] == active_hf == 37_552_282_624  # DeepSeek-V3 reports "37B activated"
+    from megaseek.model.flops import flops_per_token
+    from megaseek.model.spec import attention_cls
+    f = flops_per_token(cfg, 4096)["model"]
+    attn = 3 * cfg.num_layers * attention_cls(cfg).score_flops(cfg, 4096)
+    assert f - attn == 6 * counts["active_matmul"] and counts["active_matmul"] < 0.06 * counts["matmul"]
     for k in ("hidden_size", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "n_routed_experts",
               "moe_intermediate_size", "first_k_dense_replace", "n_group", "topk_group", "num_experts_per_tok"):
         ours = {"num_attention_heads": cfg.num_heads}.get(k, getattr(cfg, k, None))

@@ -4,8 +4,8 @@ Training FLOPs per token (Kaplan / PaLM convention, as Megatron and nanoGPT repo
 
     F_token = 6 * N_matmul + 12 * L * s * h_attn        (h_attn = n_heads * head_dim)
 
-6 N: forward 2 N plus backward 4 N for every weight in a matmul (the embedding lookup is not a matmul;
-the LM head is). The attention term is QK^T and AV: forward 2 * 2 * s * h_attn per token per layer,
+6 N: forward 2 N plus backward 4 N for every weight in a matmul that the token uses (the embedding lookup is
+not a matmul; the LM head is; of an MoE layer only the router, the k routed and the shared experts count). The attention term is QK^T and AV: forward 2 * 2 * s * h_attn per token per layer,
 times 3 with the backward -> 12 L s h_attn (not halved for the causal mask, as PaLM and nanoGPT count,
 so MFU figures compare with theirs). With full activation recomputation the hardware runs one extra
 forward: hardware FLOPs = F_token + 2 N_matmul + 4 L s h_attn; selective recomputation re-runs the
@@ -26,12 +26,17 @@ def param_counts(cfg: ModelConfig) -> dict:
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * h
     total = embed + sum(lp["total"] for lp in layers) + h + head
     matmul = sum(lp["matmul"] for lp in layers) + cfg.vocab_size * h  # the head is a matmul, tied or not
+    active = embed + sum(lp["active"] for lp in layers) + h + head
+    active_matmul = sum(lp["active_matmul"] for lp in layers) + cfg.vocab_size * h
     return {"total": total, "embedding": embed, "per_layer": per_layer, "matmul": matmul,
-            "non_embedding": total - embed}
+            "non_embedding": total - embed, "active": active, "active_matmul": active_matmul}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str = "none") -> dict:
-    n = param_counts(cfg)["matmul"]
+    """Model and hardware FLOPs per trained token. N is the ACTIVE matmul count: with mlp=moe a token runs the
+    router, `num_experts_per_tok` routed experts and the shared experts, not all `n_routed_experts`, so MFU of an
+    MoE model is computed from what each token computes (as DeepSeek reports 37B active of 671B)."""
+    n = param_counts(cfg)["active_matmul"]
     attn_cls = attention_cls(cfg)
     attn = 3 * cfg.num_layers * attn_cls.score_flops(cfg, seq_len)  # forward + backward (x3)
     model = 6 * n + attn

@@ -49,7 +49,11 @@ def build_mlp(cfg, ctx, layer: int, seed: int, out_std: float, ep=None):
 def layer_params(cfg, layer=None) -> dict:
     """Parameters of one block (of layer `layer`: with mlp=moe the first layers are dense): matmul weights
     (attention + MLP), the two norms and the sub-layers' own norms."""
-    attn, mlp = attention_cls(cfg).num_params(cfg), mlp_cls(cfg, layer).num_params(cfg)
+    mlp_c = mlp_cls(cfg, layer)
+    attn, mlp = attention_cls(cfg).num_params(cfg), mlp_c.num_params(cfg)
+    # a token uses every weight of a dense block; of an MoE block the router, its k experts and the shared ones
+    mlp_active = getattr(mlp_c, "active_params", mlp_c.num_params)(cfg)
     norms = 2 * cfg.hidden_size + sum(getattr(c, "norm_params", lambda _: 0)(cfg)
-                                      for c in (attention_cls(cfg), mlp_cls(cfg, layer)))
-    return {"attention": attn, "mlp": mlp, "norms": norms, "matmul": attn + mlp, "total": attn + mlp + norms}
+                                      for c in (attention_cls(cfg), mlp_c))
+    return {"attention": attn, "mlp": mlp, "norms": norms, "matmul": attn + mlp, "total": attn + mlp + norms,
+            "active_matmul": attn + mlp_active, "active": attn + mlp_active + norms}

@@ -187,7 +187,9 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
     state = RunState(manager, engine, scheduler, data.train, layout.global_batch, resolved)
     flops = flops_per_token(run.model, layout.seq_len, run.train.activation_checkpointing)
     peak = measured_peak_flops(denv, run.precision.name)
-    log0(f"[megaseek] model {run.model.name}: {param_counts(run.model)['total'] / 1e6:.2f}M parameters, "
+    counts = param_counts(run.model)
+    active = "" if counts["active"] == counts["total"] else f" ({counts['active'] / 1e6:.2f}M active per token)"
+    log0(f"[megaseek] model {run.model.name}: {counts['total'] / 1e6:.2f}M parameters{active}, "
          f"{flops['model'] / 1e6:.1f} MFLOP/token, peak {peak[0] / 1e9:.1f} GFLOP/s ({peak[1]})")
 
     if evaluation_fn is not None:
