@@ -85,3 +85,109 @@ def test_clipped_objective_is_the_policy_gradient_at_ratio_one():
     assert float(parts.metrics["clip_fraction"]) == float(valid.sum())  # ratio e > 1.2 on every response token
     g = _grads(m, lambda: GRPOObjective(0.2, 0.0)(m, m(b["input_ids"]), far).loss_sum)
     assert max(float(x.abs().max()) for x in g) == 0.0
+
+
+# --- the stage: python launch/grpo.py train.init_from=DIR data.train=FILE data.valid=FILE reward.fn=... ----------
+PAIRS = [(a, b) for a in range(5) for b in range(5)]
+HELD_OUT = PAIRS[1::5] + PAIRS[3::5]  # 10 sums never prompted during GRPO; the other 15 are its prompts
+GRPO_ARGS = ["train.global_batch_size=32", "train.micro_batch_size=16", "optimizer.lr=1e-3",
+             "optimizer.warmup_steps=2", "reward.fn=megaseek.tasks.rollout:exact_match", "grpo.group_size=8",
+             "grpo.max_new_tokens=4", "grpo.kl_coef=0.05"]
+
+
+def _weak_sft(run_dir, steps: int = 100, noise: float = 0.9):
+    """A weak SFT of "a+b=" (digits 0-4, all 25 sums) from a random tiny model: its data ends 90% of the answers
+    with a stray " ok" (an imperfect SFT set), so the model knows the sums but its greedy answers are not exact."""
+    import random
+
+    from megaseek.data.chat import ChatIds, Example, add_chat_tokens, encode_chat, pack, stack
+    from megaseek.model.decoder import Decoder
+    from megaseek.tasks.sft import SFTObjective, write_checkpoint
+    from tests.posttrain_support import SEQ, base_tokenizer, model_cfg
+    tok = base_tokenizer()
+    add_chat_tokens(tok)
+    cfg = model_cfg(tok.get_vocab_size())
+    rng = random.Random(0)
+    exs = [Example(*encode_chat(tok, [{"role": "user", "content": f"{a}+{b}="},
+                                      {"role": "assistant", "content": str(a + b) + (" ok" if rng.random() < noise
+                                                                                     else "")}]), "sum")
+           for a, b in PAIRS * 4]
+    rows = pack(exs, SEQ, ChatIds.of(tok).pad)
+    torch.manual_seed(0)
+    m = Decoder(cfg, seed=5)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    g, obj = torch.Generator().manual_seed(0), SFTObjective()
+    for _ in range(steps):
+        b = stack([rows[int(i)] for i in torch.randint(0, len(rows), (8,), generator=g)])
+        parts = obj(m, m(b["input_ids"], position_ids=b["position_ids"], document_ids=b["document_ids"]), b)
+        opt.zero_grad()
+        (parts.loss_sum / parts.count).backward()
+        opt.step()
+    write_checkpoint(run_dir, steps, cfg, m.state_dict(), tok)
+    return m.eval(), tok
+
+
+def _greedy_accuracy(m, tok, pairs) -> float:
+    from megaseek.data.chat import ChatIds, encode_chat
+    from megaseek.model.generate import SamplingConfig, generate
+    end = ChatIds.of(tok).end
+    prompts = [encode_chat(tok, [{"role": "user", "content": f"{a}+{b}="}], add_generation_prompt=True)[0]
+               for a, b in pairs]
+    outs = generate(m, prompts, SamplingConfig(max_new_tokens=4, stop_tokens=(end,)))
+    return sum(o[-1:] == [end] and tok.decode(o[:-1]) == str(a + b) for (a, b), o in zip(pairs, outs)) / len(pairs)
+
+
+def _sum_lines(pairs):
+    return [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in pairs]
+
+
+@pytest.mark.slow
+def test_grpo_after_a_weak_sft_gains_held_out_accuracy(tmp_path):
+    """GRPO on "a+b=" with the exact-match reward: the held-out greedy accuracy (sums never prompted in GRPO)
+    gains >= 30 points over the weak SFT's; metrics.jsonl carries the rollout statistics; the checkpoint is what
+    launch/generate.py reads. Bad input (no reward.fn; group_size 1) is refused naming the key."""
+    from megaseek.ckpt.hf import load_model
+    from tests.posttrain_support import launch, metrics, write_jsonl
+    sft, tok = _weak_sft(tmp_path / "sft")
+    before = _greedy_accuracy(sft, tok, HELD_OUT)
+    train = write_jsonl(tmp_path / "train.jsonl", _sum_lines([p for p in PAIRS if p not in HELD_OUT]), bad=1)
+    valid = write_jsonl(tmp_path / "valid.jsonl", _sum_lines(HELD_OUT))
+    run = tmp_path / "grpo"
+    out = launch("grpo", [f"train.init_from={tmp_path / 'sft'}", f"data.train={train}", f"data.valid={valid}",
+                          f"run_dir={run}", "train.steps=20", "train.eval_interval=10", "train.eval_batches=1"]
+                 + GRPO_ARGS)
+    assert "1 bad line(s) skipped" in out
+    recs = metrics(run)
+    assert [r["step"] for r in recs] == list(range(1, 21))
+    for k in ("reward_mean", "kl_ref", "grpo/kl", "response_length", "eos_rate", "grpo/clip_fraction"):
+        assert all(math.isfinite(r[k]) for r in recs), k
+    policy, _ = load_model(run)
+    after = _greedy_accuracy(policy.eval(), tok, HELD_OUT)
+    print(f"[grpo a+b] held-out greedy accuracy {before:.2f} -> {after:.2f} (val_reward {recs[-1]['val_reward']:.2f}); "
+          f"rollout reward {recs[0]['reward_mean']:.3f} -> {recs[-1]['reward_mean']:.3f}, "
+          f"eos rate {recs[0]['eos_rate']:.2f} -> {recs[-1]['eos_rate']:.2f}, kl_ref {recs[-1]['kl_ref']:.3f}")
+    assert abs(recs[-1]["val_reward"] - after) < 1e-9  # the stage's held-out metric is this accuracy
+    assert after - before >= 0.30
+    assert recs[-1]["reward_mean"] > recs[0]["reward_mean"]
+
+
+def test_grpo_bad_input_names_the_key(tmp_path):
+    """No reward.fn, a group of 1, rollout rows that do not fill whole batches, a prompt with no room for the
+    response: one message naming the key, exit 2, before any engine."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+    from tests.posttrain_support import init_checkpoint, write_jsonl
+    init_checkpoint(tmp_path / "pre")
+    train = write_jsonl(tmp_path / "train.jsonl", _sum_lines(PAIRS))
+    fn = "reward.fn=megaseek.tasks.rollout:exact_match"
+    for extra, msg in (([], "reward.fn"), ([fn, "reward.fn=nosuchmodule:f"], "reward.fn=nosuchmodule:f"),
+                       ([fn, "grpo.group_size=1"], "grpo.group_size"),
+                       ([fn, "grpo.group_size=3", "grpo.prompts=5"], "grpo.prompts"),
+                       ([fn, "grpo.max_new_tokens=30"], "grpo.max_new_tokens")):
+        p = subprocess.run([sys.executable, "launch/grpo.py", f"train.init_from={tmp_path / 'pre'}",
+                            f"data.train={train}", "train.seq_len=32", "train.global_batch_size=16",
+                            "train.micro_batch_size=8", f"run_dir={tmp_path / 'run'}"] + extra,
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and msg in p.stderr, (extra, p.stderr[-2000:])

@@ -116,8 +116,9 @@ class PrecisionConfig:
 @dataclass
 class RewardConfig:
     """launch/reward.py: Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - m), m = margin + the pair's
-    optional "margin" field."""
+    optional "margin" field. `fn`: a verifiable reward module:function for GRPO / PPO."""
     margin: float = 0.0
+    fn: Optional[str] = None         # fn(completion_text, line_fields) -> float
 
 
 @dataclass
@@ -128,8 +129,24 @@ class DPOConfig:
     label_smoothing: float = 0.0     # sigmoid only: the assumed probability that a pair's labels are flipped
 
 
+@dataclass
+class GRPOConfig:
+    """launch/grpo.py: see megaseek/tasks/grpo.py (group advantages, the clipped objective, the loop)."""
+    group_size: int = 4
+    advantage: str = "group_norm"    # group_norm | loo
+    clip: float = 0.2
+    kl_coef: float = 0.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    prompts: int = 0                 # prompts per rollout; 0: global_batch_size / group_size
+    epochs: int = 1
+
+
 SCHEMAS = {"train": TrainConfig, "parallel": ParallelConfig, "zero": ZeroConfig, "optimizer": OptimizerConfig,
-           "precision": PrecisionConfig, "model": ModelConfig, "reward": RewardConfig, "dpo": DPOConfig}
+           "precision": PrecisionConfig, "model": ModelConfig, "reward": RewardConfig, "dpo": DPOConfig,
+           "grpo": GRPOConfig}
 
 
 def register() -> None:
@@ -167,6 +184,7 @@ class RunConfig:
     precision: PrecisionConfig
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     seed: int = 1234
     run_dir: Optional[str] = None
 

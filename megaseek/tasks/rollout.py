@@ -232,3 +232,99 @@ def reference_model(model_cfg, groups, ckpt, seed: int = 0):
             if c in full:
                 b.copy_(full[c].to(b.dtype))
     return ref.eval()
+
+
+# --- RL prompt lines and verifiable rewards (shared by GRPO and PPO) ---------------------------------------
+@dataclass
+class PromptLine:
+    ids: list          # the prompt rendered with the chat template + the assistant marker
+    fields: dict       # the line's other fields, passed to the reward
+    where: str         # file:line
+
+
+def read_prompt_lines(path, tok, seq_len: int, max_new_tokens: int, log=print, key: str = "max_new_tokens") -> list:
+    """PromptLines of an RL prompt file: JSON Lines of {"prompt": str | messages, ...extra}. A string prompt is
+    one user turn. Malformed lines are counted and reported once, never fatal; a prompt that leaves no room
+    for `max_new_tokens` response tokens in `seq_len` is refused naming file:line and the keys to change."""
+    import json
+    from pathlib import Path
+
+    from megaseek.data.chat import ChatDataError, encode_chat
+    from megaseek.tasks.preference import prompt_messages
+    path = Path(path)
+    if not path.is_file():
+        raise ChatDataError(f"{path}: no such RL prompt file")
+    out, bad, first = [], 0, None
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), (str, list)):
+                    raise ValueError('expected {"prompt": str | messages, ...extra fields}')
+                ids, _ = encode_chat(tok, prompt_messages(obj["prompt"]), add_generation_prompt=True)
+            except (ValueError, json.JSONDecodeError) as e:
+                bad += 1
+                first = first or f"{where}: {e}"
+                continue
+            if len(ids) + max_new_tokens > seq_len:
+                raise ChatDataError(f"{where}: prompt ({len(ids)} tokens) + {key} ({max_new_tokens}) exceeds "
+                                    f"train.seq_len ({seq_len}): no room for the response; raise train.seq_len, "
+                                    f"lower {key} or shorten the prompt")
+            out.append(PromptLine(ids, {k: v for k, v in obj.items() if k != "prompt"}, where))
+    if bad:
+        log(f"[prompts] {path}: {bad} bad line(s) skipped, first: {first}")
+    if not out:
+        raise ChatDataError(f"{path}: no usable RL prompt ({bad} bad lines)")
+    return out
+
+
+def exact_match(completion: str, fields: dict) -> float:
+    """A built-in verifiable reward: 1.0 when the completion (stripped) equals the line's "answer" field."""
+    return float(completion.strip() == str(fields.get("answer", "")).strip())
+
+
+def load_reward_fn(spec: str):
+    """`reward.fn=module:function` -> the callable fn(completion: str, fields: dict) -> float (the current
+    directory is importable, so a local my_rewards.py works). Refused with one message naming the key."""
+    import importlib
+    import os
+    import sys
+
+    from megaseek.config.schema import ConfigError
+    if not spec or ":" not in str(spec):
+        raise ConfigError(f"reward.fn={spec!r}: expected module:function, e.g. reward.fn=megaseek.tasks.rollout:"
+                          f"exact_match (called as fn(completion_text, line_fields) -> float)")
+    mod, _, name = str(spec).partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        fn = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"reward.fn={spec}: cannot import it ({e})") from None
+    if not callable(fn):
+        raise ConfigError(f"reward.fn={spec}: not callable")
+    return fn
+
+
+def score(fn, spec: str, texts: Sequence[str], fields: Sequence[dict]) -> torch.Tensor:
+    """(n,) float64 rewards fn(text, fields); a reward that raises or is not a finite number is named."""
+    import math
+    out = []
+    for t, f in zip(texts, fields):
+        try:
+            v = float(fn(t, f))
+        except Exception as e:  # the user's function: name it and the sample
+            raise ValueError(f"reward.fn={spec} raised on completion {t!r}: {e!r}") from e
+        if not math.isfinite(v):
+            raise ValueError(f"reward.fn={spec} returned {v} on completion {t!r}: rewards must be finite")
+        out.append(v)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def stop_ids(tok) -> list:
+    """The stop tokens of a chat response: <|end|> and EOS (those the tokenizer has)."""
+    from megaseek.data.chat import END_TOKEN, EOS_TOKEN
+    return [i for i in (tok.token_to_id(END_TOKEN), tok.token_to_id(EOS_TOKEN)) if i is not None]
