@@ -116,6 +116,15 @@ def test_elastic_shrink_and_regrow(tmp_path, data_root):
     assert shrink["reason"] == "shrink" and shrink["previous_layout"]["dp"] == 2 and shrink["layout"]["dp"] == 1
     assert grow["reason"] == "grow" and grow["previous_layout"]["dp"] == 1 and grow["layout"]["dp"] == 2
     assert checkpoint_layout(ck / f"global_step{REF_STEPS}")["dp"] == 2
+    # ...and what the run recorded itself: the first metrics.jsonl record after each restart at another layout
+    recorded = [(r["step"], r["layout_change"]) for r in metrics(run) if "layout_change" in r]
+    print(f"elastic: metrics.jsonl layout_change records {[(s, c['message']) for s, c in recorded]}")
+    assert [(s, c["reason"], c["step"]) for s, c in recorded] == [(shrunk_from + 1, "shrink", shrunk_from),
+                                                                  (grown_from + 1, "grow", grown_from)]
+    for (_, c), want in zip(recorded, (shrink, grow)):
+        assert c["event"] == "layout_change" and c["layout"] == want["layout"]
+        assert c["previous_layout"] == want["previous_layout"]
+    assert "[elastic] shrink at step" in phase2 and "[elastic] grow at step" in phase3  # and logged
     # every step's loss (the last record of a redone step wins) equals the uninterrupted one-process run
     got = losses_by_step(run)
     assert sorted(got) == list(range(1, REF_STEPS + 1))
