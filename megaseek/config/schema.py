@@ -153,9 +153,6 @@ def _check_moe_layout(cfg: Mapping, mcfg: ModelConfig, layout: Layout) -> None:
         raise ConfigError(f"parallel.ep={layout.ep} needs an MoE model (model.mlp=moe), got model.mlp={mcfg.mlp}")
     if mcfg.n_routed_experts % layout.ep:
         raise ConfigError(f"parallel.ep={layout.ep} must divide model.n_routed_experts={mcfg.n_routed_experts}")
-    if layout.pp > 1:
-        raise ConfigError(f"parallel.ep={layout.ep} with parallel.pp={layout.pp} is not supported yet: use "
-                          f"parallel.pp=1 with expert parallelism, or parallel.ep=1 with pipelines")
     stage = int(_get(cfg, "zero.stage", 0))
     if stage not in (1, 2):
         raise ConfigError(f"parallel.ep={layout.ep} with zero.stage={stage}: expert parameters are supported at "

@@ -12,6 +12,17 @@ Per micro-batch of T = b s tokens (the full sequence on every tensor rank, `ctx.
     4. y_t = sum over kept assignments of w * out (index_add), plus the shared experts; the tensor-parallel
        partial sums of routed and shared experts are reduced once (`ctx.exit`).
 
+Tensor parallelism (tp = p): steps 1-4 run inside the tensor-parallel region (`ctx.enter` .. `ctx.exit`), where
+every rank's gradient is a PARTIAL sum whose sum over the p ranks is the true gradient: the experts are
+tensor-sharded (experts.py) and the router runs on every rank on the same tokens. With dL/dy replicated,
+
+    dL/dw_t = sum_t' <dL/dy_t, partial_t'(out)>         (rank t' sees only its own partial term)
+    dL/dW   = sum_t' J_W^T dL/dw_t  -> W (replicated) is used through copy_to_region: all-reduce of dW over tp
+    dL/dx   = partial per rank      -> summed by ctx.enter's backward (all-reduce | reduce-scatter)
+
+The balance losses are computed alike on every rank from the replicated scores, so their gradient is whole on
+each rank; inside the region it enters scaled by 1/p (the value unchanged) to stay a partial sum.
+
 Training-mode forwards record loads, drops and the balance loss for balance.py (not during the recomputation
 of activation checkpointing, not in eval). With balance=seq_aux|aux the differentiable balance-loss sum is kept
 for the objective seam (`take_aux_loss`, megaseek/tasks/objective.py).
@@ -75,7 +86,7 @@ class MoELayer(nn.Module):
         xp = self.ctx.enter(x)  # (b, s, h) on every tensor rank
         b, s, h = xp.shape
         flat = xp.reshape(b * s, h)  # (T, h)
-        r = self.gate(flat)  # idx, weights (T, k)
+        r = self.gate(flat, self.ctx.group if self.ctx.size > 1 else None)  # idx, weights (T, k)
         t, k = r.idx.shape
         e = self.cfg.n_routed_experts
         self.last_routing = r.idx.detach()
@@ -108,13 +119,18 @@ class MoELayer(nn.Module):
         aux_values = None
         if cfg.balance == "seq_aux":
             per_seq = seq_aux_loss(r.scores.view(b, s, -1), r.idx.view(b, s, -1), cfg.aux_loss_coef)  # (b,)
-            self.aux_loss_sum = (per_seq * s).sum()  # token-weighted sum (see balance.py)
+            self.aux_loss_sum = self._partial((per_seq * s).sum())  # token-weighted sum (see balance.py)
             aux_values = per_seq
         elif cfg.balance == "aux":
             loss = batch_aux_loss(r.scores, r.idx, cfg.aux_loss_coef)
-            self.aux_loss_sum = loss * (b * s)
+            self.aux_loss_sum = self._partial(loss * (b * s))
             aux_values = loss.reshape(1)
         self.expert_stats.add(counts, dropped, aux_values)
+
+    def _partial(self, loss: torch.Tensor) -> torch.Tensor:
+        """The same value, its gradient scaled by 1/tp: a partial sum inside the tensor-parallel region."""
+        p = self.ctx.size
+        return loss if p == 1 else loss / p + loss.detach() * (1.0 - 1.0 / p)
 
     def take_aux_loss(self) -> Optional[torch.Tensor]:
         out, self.aux_loss_sum = self.aux_loss_sum, None

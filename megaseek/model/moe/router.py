@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaseek.tensor_parallel.layers import master_normal
+from megaseek.tensor_parallel.mappings import copy_to_region
 
 
 @dataclass
@@ -83,9 +84,13 @@ class Router(nn.Module):
         self.e_score_correction_bias = self.e_score_correction_bias.float()
         return self
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, tp_group=None) -> Routing:
+        """x (T, h), the same on every tensor rank. `tp_group` (tp > 1): W is used through copy_to_region
+        (identity forward, all-reduce backward), see MoELayer: inside the tensor-parallel region each rank's
+        gradient of W is a partial sum."""
         c = self.cfg
-        return route(x, self.weight, self.e_score_correction_bias, top_k=c.num_experts_per_tok,
+        weight = self.weight if tp_group is None else copy_to_region(self.weight, tp_group)
+        return route(x, weight, self.e_score_correction_bias, top_k=c.num_experts_per_tok,
                      scoring_func=c.scoring_func, n_group=c.n_group, topk_group=c.topk_group,
                      group_score=c.group_score, norm_topk_prob=c.norm_topk_prob,
                      routed_scaling_factor=c.routed_scaling_factor)
