@@ -119,6 +119,7 @@ class RewardConfig:
     optional "margin" field. `fn`: a verifiable reward module:function for GRPO / PPO."""
     margin: float = 0.0
     fn: Optional[str] = None         # fn(completion_text, line_fields) -> float
+    model: Optional[str] = None      # launch/ppo.py: a reward-model run / checkpoint directory
 
 
 @dataclass
@@ -144,9 +145,27 @@ class GRPOConfig:
     epochs: int = 1
 
 
+@dataclass
+class PPOConfig:
+    """launch/ppo.py: see megaseek/tasks/ppo.py (the math) and megaseek/tasks/ppo_stage.py (the loop)."""
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"         # k1 | k3
+    kl_target: float = 0.0           # > 0: adaptive coefficient
+    kl_horizon: float = 10000.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    epochs: int = 2
+    minibatches: int = 1
+    missing_eos_penalty: float = 0.0
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+
+
 SCHEMAS = {"train": TrainConfig, "parallel": ParallelConfig, "zero": ZeroConfig, "optimizer": OptimizerConfig,
            "precision": PrecisionConfig, "model": ModelConfig, "reward": RewardConfig, "dpo": DPOConfig,
-           "grpo": GRPOConfig}
+           "grpo": GRPOConfig, "ppo": PPOConfig}
 
 
 def register() -> None:
@@ -185,6 +204,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     seed: int = 1234
     run_dir: Optional[str] = None
 
