@@ -105,3 +105,33 @@ def test_zero3_two_ranks_one_stopping_at_the_first_token_equal_one_process():
             diff = float((batch[k] - want.batch[k]).abs().max())
             print(f"[rollout zero3] {k} max |2 ranks - 1 process| = {diff:.2e}")
             assert diff < 1e-5
+
+
+def _tp2(rank, world, ckpt, stop):
+    from megaseek.distributed.groups import ParallelGroups
+    from megaseek.distributed.topology import Topology
+    from megaseek.tasks.rollout import reference_model
+    init_gloo(rank, world)
+    groups = ParallelGroups.build(Topology(tp=2))
+    cfg = ModelConfig(**CFG)
+    pol, ref = reference_model(cfg, groups, ckpt, seed=9), reference_model(cfg, groups, ckpt, seed=10)
+    r = rollout(pol, PROMPTS, [0, 1, 2, 3], _sampling(stop), step=2, seq_len=SEQ, pad_id=PAD, ref=ref)
+    return {k: v.numpy() for k, v in r.batch.items()}
+
+
+def test_tp2_rollout_and_reference_equal_tp1(tmp_path):
+    """The frozen reference built from a checkpoint at tp = 2 (vocabulary 97: padded shards) samples the same tokens
+    and gives the same log-probs (1e-5) as the tp = 1 model."""
+    from megaseek.data.tokenizer import train_bpe
+    from megaseek.tasks.sft import write_checkpoint
+    pol, _ = _models()
+    ckpt = write_checkpoint(tmp_path / "ck", 0, pol.cfg, pol.state_dict(), train_bpe(["a b"], vocab_size=260))
+    free = rollout(pol, PROMPTS, [0, 1, 2, 3], _sampling(), step=2, seq_len=SEQ, pad_id=PAD)
+    stop = [free.response(0)[1]]
+    want = rollout(pol, PROMPTS, [0, 1, 2, 3], _sampling(stop), step=2, seq_len=SEQ, pad_id=PAD, ref=pol)
+    for got in run_world(2, _tp2, ckpt, stop, timeout=180):
+        assert torch.equal(torch.from_numpy(got["input_ids"]), want.batch["input_ids"])
+        for k in ("old_logps", "ref_logps"):
+            diff = float((torch.from_numpy(got[k]) - want.batch[k]).abs().max())
+            print(f"[rollout tp2] {k} max |tp2 - tp1| = {diff:.2e}")
+            assert diff < 1e-5
