@@ -48,7 +48,7 @@ def test_greedy_equals_transformers_generate():
     ad = adapter_for(m.cfg)
     hf_cfg = ad.hf_config(None, None)
     hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in hf_cfg.items() if k not in ("architectures",)})).eval()
-    sd = {ad.to_hf(n): p.detach() for n, p in m.named_parameters()}
+    sd = {ad.to_hf(n): p.detach() for n, p in m.state_dict().items()}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     ours = generate(m, PROMPTS, SamplingConfig(max_new_tokens=N))

@@ -14,8 +14,9 @@ CFG = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_head
 
 
 def model(**kw):
+    """The unfused layers (q_proj, k_proj, ... are read by name below; fused = unfused: tests/test_fused.py)."""
     torch.manual_seed(0)
-    return Decoder(ModelConfig(**{**CFG, **kw}), seed=7)
+    return Decoder(ModelConfig(**{**CFG, "fused": False, **kw}), seed=7)
 
 
 def test_shapes_and_loss_at_init():

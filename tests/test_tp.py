@@ -16,7 +16,7 @@ def _compare_case(rank, world, case):
     from megaseek.distributed.groups import ParallelGroups
     from megaseek.tensor_parallel.mappings import gather_from_region
     from megaseek.distributed.topology import Topology
-    from megaseek.tensor_parallel.layers import TPContext, gather_full
+    from megaseek.tensor_parallel.layers import TPContext, fused_part_names, gather_full, split_full
     from megaseek.model.config import ModelConfig
     from megaseek.model.decoder import Decoder
 
@@ -26,7 +26,7 @@ def _compare_case(rank, world, case):
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
 
-    ref = Decoder(ModelConfig(**{**BASE, **case["model"]}), seed=11)
+    ref = Decoder(ModelConfig(**{**BASE, **case["model"], "fused": False}), seed=11)  # per-projection reference
     ref_logits = ref(ids)
     ref_loss = ref.loss(ref_logits, labels)
     ref_loss.backward()
@@ -45,15 +45,18 @@ def _compare_case(rank, world, case):
     ref_params = dict(ref.named_parameters())
     n_checked = 0
     for name, p in m.named_parameters():
-        rname = name
-        r = ref_params[rname]
         dim = getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None
-        w = gather_full(p, ctx, dim)[:r.shape[0]] if dim == 0 else gather_full(p, ctx, dim)
-        g = gather_full(p.grad, ctx, dim)
-        g = g[:r.shape[0]] if dim == 0 else g
-        diffs[f"w:{name}"] = (w - r.detach()).abs().max().item()
-        diffs[f"g:{name}"] = (g - r.grad).abs().max().item()
-        n_checked += 1
+        w, g = gather_full(p, ctx, dim), gather_full(p.grad, ctx, dim)
+        if hasattr(p, "fused_parts"):  # fused q,k,v / gate,up: compare each unfused part
+            parts = zip(fused_part_names(name, p), split_full(w, p, ctx.size), split_full(g, p, ctx.size))
+        else:
+            parts = [(name, w, g)]
+        for pname, w, g in parts:
+            r = ref_params[pname]
+            w, g = (w[:r.shape[0]], g[:r.shape[0]]) if dim == 0 else (w, g)
+            diffs[f"w:{pname}"] = (w - r.detach()).abs().max().item()
+            diffs[f"g:{pname}"] = (g - r.grad).abs().max().item()
+            n_checked += 1
     diffs["n_params"] = n_checked
     diffs["n_ref_params"] = len(ref_params)
     dist.barrier()

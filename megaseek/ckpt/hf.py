@@ -105,7 +105,8 @@ def model_at(ckpt: Path):
     """load_model for a checkpoint directory already resolved and verified."""
     import torch
     from megaseek.model.decoder import Decoder
-    cfg = model_config(ckpt)
+    import dataclasses
+    cfg = dataclasses.replace(model_config(ckpt), fused=False)  # tools (quantization, ONNX) name q, k, v, gate, up
     w = checked_weights(ckpt, cfg)
     model = Decoder(cfg, seed=0)
     sd = {}

@@ -70,7 +70,7 @@ def init_weights(ckpt: Path, model_cfg) -> dict:
     from megaseek.ckpt.hf import checked_weights, model_config
     have = model_config(ckpt)
     diff = {k: (v, model_cfg.to_dict().get(k)) for k, v in have.to_dict().items()
-            if k not in ("vocab_size", "name") and model_cfg.to_dict().get(k) != v}
+            if k not in ("vocab_size", "name", "fused") and model_cfg.to_dict().get(k) != v}
     if diff:
         raise InitFromError(f"train.init_from={ckpt}: the checkpoint holds another model; (checkpoint, run) differ "
                             f"in {diff}: drop the model overrides (a stage takes the checkpoint's model)")
@@ -82,11 +82,11 @@ def load_init_weights(init_from: str | Path, engine, groups, model_cfg, log: Cal
 
     Weights only: the optimizer moments, the step, the loader position and the RNG are not read (the run
     starts at step 0 with a fresh optimizer). Returns the checkpoint directory used."""
-    from megaseek.ckpt.state import canonical_name, load_full_state
+    from megaseek.ckpt.state import canonical_name, canonical_names, load_full_state
     ckpt = resolve_init(init_from)
     full = init_weights(ckpt, model_cfg)
     module = engine.module
-    local = {canonical_name(module, n) for n, _ in module.named_parameters()}
+    local = canonical_names(module)
     lacking = sorted(local - set(full))
     if lacking:
         raise InitFromError(f"train.init_from={ckpt}: no tensor for {lacking[:5]}")

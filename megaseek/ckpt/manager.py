@@ -126,12 +126,13 @@ class CheckpointManager:
         path = Path(path)
         man = C.read_manifest(path)
         from megaseek.model.config import ModelConfig
-        if ModelConfig.from_dict(man["model"]) != self.model_cfg:
-            diff = {k: (man["model"].get(k), v) for k, v in self.model_cfg.to_dict().items() if man["model"].get(k) != v}
+        if ModelConfig.from_dict(dict(man["model"], fused=self.model_cfg.fused)) != self.model_cfg:  # fused: a layout
+            diff = {k: (man["model"].get(k), v) for k, v in self.model_cfg.to_dict().items()
+                    if k != "fused" and man["model"].get(k) != v}
             raise ValueError(f"checkpoint {path} holds another model: (checkpoint, config) differ in {diff}")
         wanted = {}
-        from megaseek.ckpt.state import canonical_name
-        local = {canonical_name(self.engine.module, n) for n, _ in self.engine.module.named_parameters()}
+        from megaseek.ckpt.state import canonical_names
+        local = canonical_names(self.engine.module)
         by_file: dict[str, list[str]] = {}
         for n in local:
             if n not in man["tensors"]:

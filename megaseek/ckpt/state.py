@@ -17,7 +17,14 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from megaseek.tensor_parallel.layers import fuse_full, fused_part_names, split_full
+
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def canonical_names(model) -> set:
+    """The canonical names of this stage's parameters (a fused projection counts as its unfused parts)."""
+    return {n for name, p in model.named_parameters() for n in fused_part_names(canonical_name(model, name), p)}
 
 
 def canonical_name(model, name: str) -> str:
@@ -173,6 +180,10 @@ def iter_full_state(engine, model, groups, skip=()) -> Iterator[tuple[str, dict]
         cname = canonical_name(model, name)
         if ep is not None and ep.size > 1 and hasattr(p, "expert_index"):
             yield from _gather_experts(full, cname, p, model, ep)
+        elif getattr(p, "fused_parts", None) is not None:  # fused q,k,v / gate,up: the unfused full parts
+            parts = {key: split_full(t, p, groups.tp.size) for key, t in full.items()}
+            for j, n in enumerate(fused_part_names(cname, p)):
+                yield n, {key: v[j].contiguous() for key, v in parts.items()}
         else:
             yield cname, full
 
@@ -211,10 +222,12 @@ def load_full_state(engine, model, groups, tensors: dict[str, dict], load_optimi
     missing = []
     for name, p in model.named_parameters():
         cname = canonical_name(model, name)
-        entry = tensors.get(cname)
-        if entry is None:
-            missing.append(cname)
+        names = fused_part_names(cname, p)  # [cname], or a fused projection's unfused parts
+        if any(n not in tensors for n in names):
+            missing.extend(n for n in names if n not in tensors)
             continue
+        entry = tensors[cname] if len(names) == 1 else {  # fused: the parts in the gathered order, sliced below
+            k: fuse_full([tensors[n][k] for n in names], p, groups.tp.size) for k in tensors[names[0]]}
         for key in KEYS if load_optimizer else ("fp32",):
             _set_local_full(engine, p, key, shard_for(entry[key], p, groups.tp, _local_shape(p)))
     return missing

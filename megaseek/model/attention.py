@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from megaseek.model.config import ModelConfig
 from megaseek.model.layers import apply_rope
-from megaseek.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, TPContext, mark_sharded, master_normal
+from megaseek.tensor_parallel.layers import (ColumnParallelLinear, FusedColumnParallelLinear, RowParallelLinear, TPContext,
+                                             expose_unfused_state, mark_sharded, master_normal)
 from megaseek.tensor_parallel.random import RNGTracker
 
 
@@ -66,7 +67,14 @@ class KVProjection(nn.Module):
 
 
 class GQAAttention(nn.Module):
-    """Causal self-attention with RoPE and grouped-query heads; query heads split across tensor ranks."""
+    """Causal self-attention with RoPE and grouped-query heads; query heads split across tensor ranks.
+
+    `model.fused` (and nkv >= p): q, k and v come from ONE column-parallel GEMM, `qkv_proj` (weight
+    ((nh + 2 nkv) d / p, h) on each rank = [Q_i; K_i; V_i], rank i's nh/p query heads and its nkv/p kv heads;
+    see FusedColumnParallelLinear): the same heads per rank as the unfused q_proj / KVProjection layers, so no
+    extra communication. With nkv < p the kv heads are replicated (KVProjection) and the layer stays unfused.
+    state_dict() and checkpoints hold q_proj / k_proj / v_proj either way.
+    """
 
     @staticmethod
     def num_params(cfg: ModelConfig) -> int:
@@ -89,22 +97,36 @@ class GQAAttention(nn.Module):
         self.dropout = cfg.dropout
         self.n_local = cfg.num_heads // ctx.size
         h = cfg.hidden_size
-        self.q_proj = ColumnParallelLinear(h, cfg.num_heads * self.d, ctx, std=cfg.init_std, seed=seed + 1)
-        self.k_proj = KVProjection(cfg, ctx, seed + 2)
-        self.v_proj = KVProjection(cfg, ctx, seed + 3)
+        self.fused = bool(getattr(cfg, "fused", False)) and cfg.num_kv_heads >= ctx.size
+        if self.fused:
+            nq, nkv = cfg.num_heads * self.d, cfg.num_kv_heads * self.d
+            self.qkv_proj = FusedColumnParallelLinear(
+                h, [("q_proj", nq, seed + 1), ("k_proj", nkv, seed + 2), ("v_proj", nkv, seed + 3)], ctx,
+                std=cfg.init_std)  # the seeds of the unfused q, k, v: the same weights
+            self.kv_local = cfg.num_kv_heads // ctx.size
+            expose_unfused_state(self, "qkv_proj")
+        else:
+            self.q_proj = ColumnParallelLinear(h, cfg.num_heads * self.d, ctx, std=cfg.init_std, seed=seed + 1)
+            self.k_proj = KVProjection(cfg, ctx, seed + 2)
+            self.v_proj = KVProjection(cfg, ctx, seed + 3)
+            self.kv_local = self.k_proj.local_heads
         self.o_proj = RowParallelLinear(cfg.num_heads * self.d, h, ctx, std=out_std, seed=seed + 4)
 
     def cache_shape(self) -> tuple[int, int]:
         """(kv heads, head dim) this rank caches per token."""
-        return self.k_proj.local_heads, self.d
+        return self.kv_local, self.d
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 cache=None) -> torch.Tensor:
         xp = self.ctx.enter(x)  # (b, s, h): one entry shared by q, k, v
         b, s, _ = xp.shape
-        q = self.q_proj(xp).view(b, s, self.n_local, self.d).transpose(1, 2)  # (b, nh/p, s, d)
-        k = self.k_proj(xp).view(b, s, self.k_proj.local_heads, self.d).transpose(1, 2)  # (b, nkv_local, s, d)
-        v = self.v_proj(xp).view(b, s, self.v_proj.local_heads, self.d).transpose(1, 2)
+        if self.fused:
+            q, k, v = self.qkv_proj(xp)  # (b, s, nh d/p), (b, s, nkv d/p) x 2: views of one GEMM's output
+        else:
+            q, k, v = self.q_proj(xp), self.k_proj(xp), self.v_proj(xp)
+        q = q.view(b, s, self.n_local, self.d).transpose(1, 2)  # (b, nh/p, s, d)
+        k = k.view(b, s, self.kv_local, self.d).transpose(1, 2)  # (b, nkv_local, s, d)
+        v = v.view(b, s, self.kv_local, self.d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # (b, nkv_local, S, d): the cached keys then these

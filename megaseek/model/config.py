@@ -37,6 +37,7 @@ class ModelConfig:
     pad_vocab_multiple: int = 1
     attention: str = "gqa"   # the block's attention (megaseek/model/spec.py ATTENTION)
     mlp: str = "swiglu"      # the block's MLP (megaseek/model/spec.py MLP)
+    fused: bool = True       # one GEMM for q,k,v (gqa) and one for gate,up (swiglu); checkpoints stay unfused
     # DeepSeekMoE (mlp: moe; megaseek/model/moe/); unused by swiglu
     n_routed_experts: int = 8
     n_shared_experts: int = 1          # one SwiGLU of moe_intermediate_size * n_shared_experts

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megaseek.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, TPContext
+from megaseek.tensor_parallel.layers import (ColumnParallelLinear, FusedColumnParallelLinear, RowParallelLinear, TPContext,
+                                             expose_unfused_state)
 from megaseek.model.config import ModelConfig
 
 
@@ -60,7 +61,12 @@ def rope_at(cos: torch.Tensor, sin: torch.Tensor, s: int, position_ids: Optional
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)); gate and up column-parallel (i/p each), down row-parallel."""
+    """down(silu(gate(x)) * up(x)); gate and up column-parallel (i/p each), down row-parallel.
+
+    `model.fused`: gate and up are ONE column-parallel GEMM, `gate_up_proj` (weight (2 i/p, h) on rank i =
+    [G_i; U_i], its own i/p gate and up columns; FusedColumnParallelLinear): rank i's silu(g) * u pairs the
+    same columns as unfused, no extra communication. state_dict() and checkpoints hold gate_proj / up_proj.
+    """
 
     @staticmethod
     def num_params(cfg: ModelConfig) -> int:
@@ -70,13 +76,23 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.ctx = ctx
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = ColumnParallelLinear(h, i, ctx, std=cfg.init_std, seed=seed + 5)
-        self.up_proj = ColumnParallelLinear(h, i, ctx, std=cfg.init_std, seed=seed + 6)
+        self.fused = bool(getattr(cfg, "fused", False))
+        if self.fused:
+            self.gate_up_proj = FusedColumnParallelLinear(h, [("gate_proj", i, seed + 5), ("up_proj", i, seed + 6)],
+                                                          ctx, std=cfg.init_std)
+            expose_unfused_state(self, "gate_up_proj")
+        else:
+            self.gate_proj = ColumnParallelLinear(h, i, ctx, std=cfg.init_std, seed=seed + 5)
+            self.up_proj = ColumnParallelLinear(h, i, ctx, std=cfg.init_std, seed=seed + 6)
         self.down_proj = RowParallelLinear(i, h, ctx, std=out_std, seed=seed + 7)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xp = self.ctx.enter(x)  # (b, s, h)
-        return self.down_proj(F.silu(self.gate_proj(xp)) * self.up_proj(xp))  # (b, s, i/p) -> (b, s|s/p, h)
+        if self.fused:
+            g, u = self.gate_up_proj(xp)  # (b, s, i/p) each: views of one GEMM's output
+        else:
+            g, u = self.gate_proj(xp), self.up_proj(xp)
+        return self.down_proj(F.silu(g) * u)  # (b, s, i/p) -> (b, s|s/p, h)
 
 
 def scaled_out_std(cfg: ModelConfig) -> float:

@@ -140,6 +140,94 @@ class ColumnParallelLinear(nn.Module):
         return y
 
 
+class FusedColumnParallelLinear(nn.Module):
+    """m column-parallel projections of one input in ONE GEMM (Megatron's fused QKV / gate-up):
+    Y = X [A^1 .. A^m], each A^j (in, out_j) split by columns, A^j = [A^j_1 .. A^j_p].
+
+    Rank i holds W_i = [A^j_i]_j stacked by rows in part order, shape (sum_j out_j/p, in), so its output
+    X W_i^T = [X A^1_i | .. | X A^m_i] (..., sum_j out_j/p) is exactly what the m unfused ColumnParallelLinear
+    layers give on rank i: its own heads' q, k, v (its own gate / up columns). Forward and backward need no
+    communication beyond the shared `ctx.enter` (dX = sum_j dY^j A^j_i^T is one GEMM, all-reduced once).
+
+    The all-gather of the shards along dim 0 is [W_1; ..; W_p] = [A^1_1; A^2_1; ..; A^1_p; A^2_p; ..], an
+    order that depends on p. So no fused tensor ever leaves the module: `weight.fused_parts` names the parts
+    (sibling module names, e.g. ("q_proj", "k_proj", "v_proj")) with their local row counts, the parent's
+    state_dict() holds the parts' local shards under their unfused names (`expose_unfused_state`), and the
+    layout-free checkpoints split a gathered full tensor into the canonical full parts (`split_full`) and
+    build a shard from them (`fuse_full` then the usual row slice). Initialization draws each part's full
+    master weight from its own seed, as the unfused layers do: the same seed gives the same weights.
+    """
+
+    def __init__(self, in_features: int, parts: list[tuple[str, int, int]], ctx: TPContext, *, std: float):
+        super().__init__()
+        for name, out, _ in parts:
+            if out % ctx.size != 0:
+                raise ValueError(f"{name}: output size {out} does not divide by tensor degree {ctx.size}")
+        self.ctx, self.in_features = ctx, in_features
+        self.sizes = [out // ctx.size for _, out, _ in parts]  # local rows of each part
+        shards = [master_normal((out, in_features), std, seed).chunk(ctx.size, dim=0)[ctx.rank]
+                  for _, out, seed in parts]  # each (out_j/p, in)
+        self.weight = nn.Parameter(torch.cat(shards, dim=0))  # (sum_j out_j/p, in)
+        mark_sharded(self.weight, 0, ctx)
+        self.weight.fused_parts = tuple((name, n) for (name, _, _), n in zip(parts, self.sizes))
+
+    def forward(self, x_parallel: torch.Tensor) -> list[torch.Tensor]:
+        y = F.linear(x_parallel, self.weight)  # (..., sum_j out_j/p)
+        return y.split(self.sizes, dim=-1)  # views (..., out_j/p), one per part
+
+
+def fused_part_names(name: str, p) -> list[str]:
+    """The (unfused) names a parameter holds: `a.qkv_proj.weight` with parts q, k, v -> a.q_proj.weight, ...;
+    any other parameter: [name]."""
+    parts = getattr(p, "fused_parts", None)
+    if parts is None:
+        return [name]
+    head, _, last = name.rpartition(".")  # a.qkv_proj, weight
+    parent = head.rpartition(".")[0]
+    return [f"{parent}.{n}.{last}" if parent else f"{n}.{last}" for n, _ in parts]
+
+
+def split_full(full: torch.Tensor, p, tp_size: int) -> list[torch.Tensor]:
+    """Gathered fused tensor [W_1; ..; W_p] (each W_i = [A^1_i; ..; A^m_i]) -> the full parts A^1 .. A^m."""
+    rows = [n for _, n in p.fused_parts]
+    per_rank = full.reshape(tp_size, sum(rows), *full.shape[1:])  # (p, sum_j out_j/p, in)
+    return [t.reshape(tp_size * n, *full.shape[1:]) for t, n in zip(per_rank.split(rows, dim=1), rows)]
+
+
+def fuse_full(parts: list[torch.Tensor], p, tp_size: int) -> torch.Tensor:
+    """Full parts A^1 .. A^m -> the gathered order [W_1; ..; W_p]; slicing it by rows like any dim-0 shard
+    (rank i: rows [i R, (i+1) R), R = sum_j out_j/p) gives W_i."""
+    chunks = [t.chunk(tp_size, dim=0) for t in parts]  # m x p chunks (out_j/p, in)
+    return torch.cat([c[i] for i in range(tp_size) for c in chunks], dim=0)
+
+
+def expose_unfused_state(module: nn.Module, attr: str) -> None:
+    """`module.state_dict()` / `load_state_dict()` use the unfused names of the fused child `attr` (its parts'
+    local shards: e.g. attn.q_proj.weight, attn.k_proj.weight, ...), so every state-dict consumer sees the
+    same keys and shapes whether the layer is fused or not."""
+
+    def save_hook(mod, sd, prefix, _meta):
+        key = f"{prefix}{attr}.weight"
+        if key not in sd:
+            return sd
+        w, child = sd.pop(key), getattr(mod, attr)
+        if w.shape[0] != sum(child.sizes):  # a partitioned placeholder (ZeRO-3): keep it whole
+            sd[key] = w
+            return sd
+        for (name, _), t in zip(child.weight.fused_parts, w.split(child.sizes, dim=0)):
+            sd[f"{prefix}{name}.weight"] = t
+        return sd
+
+    def load_hook(sd, prefix, *_):
+        child = getattr(module, attr)
+        keys = [f"{prefix}{name}.weight" for name, _ in child.weight.fused_parts]
+        if all(k in sd for k in keys):
+            sd[f"{prefix}{attr}.weight"] = torch.cat([sd.pop(k) for k in keys], dim=0)
+
+    module._register_state_dict_hook(save_hook)
+    module._register_load_state_dict_pre_hook(load_hook)
+
+
 class RowParallelLinear(nn.Module):
     """Y = X A with A (in, out) split by rows, A = [A_1; ..; A_p], X = [X_1 .. X_p] already split by
     columns (the output of a column-parallel layer). Rank i computes X_i A_i; Y = sum_i X_i A_i by

@@ -145,6 +145,9 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
     run = RunConfig.from_config(cfg)
     from megaseek.train.compress import QATConvert, Sparsity, check_compress, prepare_qat, qat_spec
     check_compress(run.train, run.model, layout, run.zero.stage)  # train.qat / train.sparsity, before any work
+    if run.model.fused and (qat_spec(run.train) is not None or run.train.sparsity != "none"):
+        import dataclasses  # fake quantization and 2:4 masks act per projection (q, k, v, gate, up): unfused
+        run.model = dataclasses.replace(run.model, fused=False)
     from megaseek.train.eval_tasks import DownstreamEval, check_eval_tasks
     check_eval_tasks(run.train)  # unknown task names fail before any model is built
     from megaseek.planner.preflight import preflight
