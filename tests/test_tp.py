@@ -16,7 +16,7 @@ def _compare_case(rank, world, case):
     from megaseek.distributed.groups import ParallelGroups
     from megaseek.tensor_parallel.mappings import gather_from_region
     from megaseek.distributed.topology import Topology
-    from megaseek.tensor_parallel.layers import TPContext, fused_part_names, gather_full, split_full
+    from megaseek.tensor_parallel.layers import TPContext, fused_part_names, fused_split, gather_full
     from megaseek.model.config import ModelConfig
     from megaseek.model.decoder import Decoder
 
@@ -48,7 +48,7 @@ def _compare_case(rank, world, case):
         dim = getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None
         w, g = gather_full(p, ctx, dim), gather_full(p.grad, ctx, dim)
         if hasattr(p, "fused_parts"):  # fused q,k,v / gate,up: compare each unfused part
-            parts = zip(fused_part_names(name, p), split_full(w, p, ctx.size), split_full(g, p, ctx.size))
+            parts = zip(fused_part_names(name, p), fused_split(w, p), fused_split(g, p))
         else:
             parts = [(name, w, g)]
         for pname, w, g in parts:

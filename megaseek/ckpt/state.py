@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from megaseek.tensor_parallel.layers import fuse_full, fused_part_names, split_full
+from megaseek.tensor_parallel.layers import fuse_full, fused_part_names, fused_split
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -181,7 +181,7 @@ def iter_full_state(engine, model, groups, skip=()) -> Iterator[tuple[str, dict]
         if ep is not None and ep.size > 1 and hasattr(p, "expert_index"):
             yield from _gather_experts(full, cname, p, model, ep)
         elif getattr(p, "fused_parts", None) is not None:  # fused q,k,v / gate,up: the unfused full parts
-            parts = {key: split_full(t, p, groups.tp.size) for key, t in full.items()}
+            parts = {key: fused_split(t, p) for key, t in full.items()}
             for j, n in enumerate(fused_part_names(cname, p)):
                 yield n, {key: v[j].contiguous() for key, v in parts.items()}
         else:
@@ -226,8 +226,8 @@ def load_full_state(engine, model, groups, tensors: dict[str, dict], load_optimi
         if any(n not in tensors for n in names):
             missing.extend(n for n in names if n not in tensors)
             continue
-        entry = tensors[cname] if len(names) == 1 else {  # fused: the parts in the gathered order, sliced below
-            k: fuse_full([tensors[n][k] for n in names], p, groups.tp.size) for k in tensors[names[0]]}
+        entry = tensors[cname] if len(names) == 1 else {  # fused: the grouped full tensor, sliced below
+            k: fuse_full([tensors[n][k] for n in names], p.fused_groups) for k in tensors[names[0]]}
         for key in KEYS if load_optimizer else ("fp32",):
             _set_local_full(engine, p, key, shard_for(entry[key], p, groups.tp, _local_shape(p)))
     return missing

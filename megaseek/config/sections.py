@@ -55,6 +55,7 @@ class TrainConfig:
     qat: str = "none"                # none | int<b>w | int8a_int<b>w: fake-quantized training (train/compress.py)
     qat_group_size: int = 32         # input columns per weight quantization group (QAT)
     sparsity: str = "none"           # none | 2:4: magnitude 2:4 masks, kept after every optimizer step
+    compile: bool = False            # regional torch.compile of the decoder blocks (megaseek/model/decoder.py)
 
 
 @dataclass

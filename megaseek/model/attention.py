@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaseek.model.config import ModelConfig
-from megaseek.model.layers import apply_rope
+from megaseek.model.layers import apply_rope, fused_dense
 from megaseek.tensor_parallel.layers import (ColumnParallelLinear, FusedColumnParallelLinear, RowParallelLinear, TPContext,
                                              expose_unfused_state, mark_sharded, master_normal)
 from megaseek.tensor_parallel.random import RNGTracker
@@ -69,11 +69,13 @@ class KVProjection(nn.Module):
 class GQAAttention(nn.Module):
     """Causal self-attention with RoPE and grouped-query heads; query heads split across tensor ranks.
 
-    `model.fused` (and nkv >= p): q, k and v come from ONE column-parallel GEMM, `qkv_proj` (weight
-    ((nh + 2 nkv) d / p, h) on each rank = [Q_i; K_i; V_i], rank i's nh/p query heads and its nkv/p kv heads;
-    see FusedColumnParallelLinear): the same heads per rank as the unfused q_proj / KVProjection layers, so no
-    extra communication. With nkv < p the kv heads are replicated (KVProjection) and the layer stays unfused.
-    state_dict() and checkpoints hold q_proj / k_proj / v_proj either way.
+    `model.fused` (dense gqa + swiglu models, nkv >= p): q, k and v come from ONE column-parallel GEMM,
+    `qkv_proj`, grouped by kv head (FusedColumnParallelLinear, G = nkv): weight ((nh + 2 nkv) d / p, h) on
+    rank i = for each of its nkv/p kv heads g, the rows of query heads g r .. g r + r - 1 (r = nh / nkv), of
+    k_g and of v_g: rank i's nh/p query heads and its nkv/p kv heads, as the unfused q_proj / KVProjection
+    layers hold them, so no extra communication; the gathered tensor is the same at every p. With nkv < p
+    the kv heads are replicated (KVProjection) and the layer stays unfused. state_dict() and checkpoints
+    hold q_proj / k_proj / v_proj either way.
     """
 
     @staticmethod
@@ -97,12 +99,12 @@ class GQAAttention(nn.Module):
         self.dropout = cfg.dropout
         self.n_local = cfg.num_heads // ctx.size
         h = cfg.hidden_size
-        self.fused = bool(getattr(cfg, "fused", False)) and cfg.num_kv_heads >= ctx.size
+        self.fused = fused_dense(cfg) and cfg.num_kv_heads >= ctx.size
         if self.fused:
             nq, nkv = cfg.num_heads * self.d, cfg.num_kv_heads * self.d
-            self.qkv_proj = FusedColumnParallelLinear(
-                h, [("q_proj", nq, seed + 1), ("k_proj", nkv, seed + 2), ("v_proj", nkv, seed + 3)], ctx,
-                std=cfg.init_std)  # the seeds of the unfused q, k, v: the same weights
+            self.qkv_proj = FusedColumnParallelLinear(  # grouped by kv head; the unfused seeds: the same weights
+                h, [("q_proj", nq, seed + 1), ("k_proj", nkv, seed + 2), ("v_proj", nkv, seed + 3)],
+                cfg.num_kv_heads, ctx, std=cfg.init_std)
             self.kv_local = cfg.num_kv_heads // ctx.size
             expose_unfused_state(self, "qkv_proj")
         else:
@@ -120,8 +122,9 @@ class GQAAttention(nn.Module):
                 cache=None) -> torch.Tensor:
         xp = self.ctx.enter(x)  # (b, s, h): one entry shared by q, k, v
         b, s, _ = xp.shape
-        if self.fused:
-            q, k, v = self.qkv_proj(xp)  # (b, s, nh d/p), (b, s, nkv d/p) x 2: views of one GEMM's output
+        if self.fused:  # one GEMM; per local kv group g: (r d) query rows, d key rows, d value rows
+            q, k, v = self.qkv_proj(xp)  # (b, s, nkv/p, r d), (b, s, nkv/p, d) x 2: views
+            q = q.reshape(b, s, self.n_local, self.d)  # query head g r + j (one copy: rope reads it anyway)
         else:
             q, k, v = self.q_proj(xp), self.k_proj(xp), self.v_proj(xp)
         q = q.view(b, s, self.n_local, self.d).transpose(1, 2)  # (b, nh/p, s, d)

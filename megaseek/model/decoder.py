@@ -166,3 +166,13 @@ class Decoder(nn.Module):
         h = self.embed_tokens(x) if self.pre else x
         h = self.run_layers(h, position_ids, document_ids, cache)
         return self.logits(h) if self.post else h
+
+
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """Regional compilation (`train.compile=true`): torch.compile each decoder block in place
+    (`nn.Module.compile`), so parameter names, state_dict and checkpoints do not change; identical blocks
+    share one compiled graph (parameters are graph inputs). Embedding, head, loss, communication between
+    stages and the optimizer stay eager."""
+    for blk in model.layers:
+        blk.compile()
+    return model

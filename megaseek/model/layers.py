@@ -60,12 +60,19 @@ def rope_at(cos: torch.Tensor, sin: torch.Tensor, s: int, position_ids: Optional
     return cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
 
 
+def fused_dense(cfg) -> bool:
+    """`model.fused` applies to the dense Llama spec (attention gqa, mlp swiglu); MLA and MoE stay unfused."""
+    return bool(getattr(cfg, "fused", False)) and cfg.attention == "gqa" and cfg.mlp == "swiglu"
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up column-parallel (i/p each), down row-parallel.
 
-    `model.fused`: gate and up are ONE column-parallel GEMM, `gate_up_proj` (weight (2 i/p, h) on rank i =
-    [G_i; U_i], its own i/p gate and up columns; FusedColumnParallelLinear): rank i's silu(g) * u pairs the
-    same columns as unfused, no extra communication. state_dict() and checkpoints hold gate_proj / up_proj.
+    `model.fused` (dense gqa + swiglu models): gate and up are ONE column-parallel GEMM, `gate_up_proj`,
+    grouped by column (FusedColumnParallelLinear, G = i): weight (2 i/p, h) on rank i = rows g_c, u_c for
+    each of its own i/p columns c, so silu(g) * u pairs the same columns as unfused and needs no extra
+    communication; the gathered tensor is the same at every p. state_dict() and checkpoints hold gate_proj /
+    up_proj.
     """
 
     @staticmethod
@@ -76,10 +83,10 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.ctx = ctx
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.fused = bool(getattr(cfg, "fused", False))
+        self.fused = fused_dense(cfg)
         if self.fused:
             self.gate_up_proj = FusedColumnParallelLinear(h, [("gate_proj", i, seed + 5), ("up_proj", i, seed + 6)],
-                                                          ctx, std=cfg.init_std)
+                                                          i, ctx, std=cfg.init_std)  # grouped by column
             expose_unfused_state(self, "gate_up_proj")
         else:
             self.gate_proj = ColumnParallelLinear(h, i, ctx, std=cfg.init_std, seed=seed + 5)
@@ -89,10 +96,11 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xp = self.ctx.enter(x)  # (b, s, h)
         if self.fused:
-            g, u = self.gate_up_proj(xp)  # (b, s, i/p) each: views of one GEMM's output
+            g, u = self.gate_up_proj(xp)  # (b, s, i/p, 1) each: strided views of one GEMM's output
+            a = (F.silu(g) * u).squeeze(-1)  # (b, s, i/p)
         else:
-            g, u = self.gate_proj(xp), self.up_proj(xp)
-        return self.down_proj(F.silu(g) * u)  # (b, s, i/p) -> (b, s|s/p, h)
+            a = F.silu(self.gate_proj(xp)) * self.up_proj(xp)  # (b, s, i/p)
+        return self.down_proj(a)  # (b, s, i/p) -> (b, s|s/p, h)
 
 
 def scaled_out_std(cfg: ModelConfig) -> float:

@@ -141,39 +141,48 @@ class ColumnParallelLinear(nn.Module):
 
 
 class FusedColumnParallelLinear(nn.Module):
-    """m column-parallel projections of one input in ONE GEMM (Megatron's fused QKV / gate-up):
-    Y = X [A^1 .. A^m], each A^j (in, out_j) split by columns, A^j = [A^j_1 .. A^j_p].
+    """m column-parallel projections of one input in ONE GEMM (Megatron's fused QKV / gate-up), in a grouped
+    layout whose full tensor does not depend on the tensor degree p.
 
-    Rank i holds W_i = [A^j_i]_j stacked by rows in part order, shape (sum_j out_j/p, in), so its output
-    X W_i^T = [X A^1_i | .. | X A^m_i] (..., sum_j out_j/p) is exactly what the m unfused ColumnParallelLinear
-    layers give on rank i: its own heads' q, k, v (its own gate / up columns). Forward and backward need no
-    communication beyond the shared `ctx.enter` (dX = sum_j dY^j A^j_i^T is one GEMM, all-reduced once).
+    The parts A^1 .. A^m (out_j, in) are cut into G row groups each (out_j / G rows per group); the full fused
+    weight W (sum_j out_j, in) lists the groups in order, each group holding its rows of every part:
 
-    The all-gather of the shards along dim 0 is [W_1; ..; W_p] = [A^1_1; A^2_1; ..; A^1_p; A^2_p; ..], an
-    order that depends on p. So no fused tensor ever leaves the module: `weight.fused_parts` names the parts
-    (sibling module names, e.g. ("q_proj", "k_proj", "v_proj")) with their local row counts, the parent's
-    state_dict() holds the parts' local shards under their unfused names (`expose_unfused_state`), and the
-    layout-free checkpoints split a gathered full tensor into the canonical full parts (`split_full`) and
-    build a shard from them (`fuse_full` then the usual row slice). Initialization draws each part's full
-    master weight from its own seed, as the unfused layers do: the same seed gives the same weights.
+        W = [A^1_(0); A^2_(0); ..; A^m_(0); A^1_(1); ..; A^m_(G-1)]     (A^j_(g): rows g out_j/G .. of A^j)
+
+    Rank i holds the contiguous rows of groups [i G/p, (i+1) G/p): W_i = W.chunk(p)[i], so the all-gather of
+    the shards along dim 0 is W itself at every p (checkpoint tools, DeepSpeed's norms and cross-layout
+    comparisons see one tensor). Y_i = X W_i^T holds, for each of its groups, that group's outputs of every
+    part: with QKV grouped by kv head (G = nkv: q heads g r .. g r + r - 1 with r = nh / nkv, then k_g, v_g)
+    rank i gets exactly its own nh/p query heads and their nkv/p kv heads; with gate/up grouped by column
+    (G = i) it gets its own i/p gate and up columns. Forward and backward need no communication beyond the
+    shared `ctx.enter` (dX = dY W_i is one GEMM, all-reduced once).
+
+    state_dict() and checkpoints hold the unfused parts under their own names (`expose_unfused_state`,
+    `split_full` / `fuse_full`), so HF export, old checkpoints and fused / unfused runs interoperate. Each
+    part's full master weight is drawn from its own seed, as the unfused layers do: same seed, same weights.
     """
 
-    def __init__(self, in_features: int, parts: list[tuple[str, int, int]], ctx: TPContext, *, std: float):
+    def __init__(self, in_features: int, parts: list[tuple[str, int, int]], groups: int, ctx: TPContext, *,
+                 std: float):
         super().__init__()
+        if groups % ctx.size:
+            raise ValueError(f"{groups} fused groups do not divide by tensor degree {ctx.size}")
         for name, out, _ in parts:
-            if out % ctx.size != 0:
-                raise ValueError(f"{name}: output size {out} does not divide by tensor degree {ctx.size}")
-        self.ctx, self.in_features = ctx, in_features
-        self.sizes = [out // ctx.size for _, out, _ in parts]  # local rows of each part
-        shards = [master_normal((out, in_features), std, seed).chunk(ctx.size, dim=0)[ctx.rank]
-                  for _, out, seed in parts]  # each (out_j/p, in)
-        self.weight = nn.Parameter(torch.cat(shards, dim=0))  # (sum_j out_j/p, in)
+            if out % groups:
+                raise ValueError(f"{name}: output size {out} does not divide into {groups} groups")
+        self.ctx, self.in_features, self.groups = ctx, in_features, groups
+        self.local_groups = groups // ctx.size
+        self.per_group = [out // groups for _, out, _ in parts]  # rows of each part in one group
+        full = fuse_full([master_normal((out, in_features), std, seed) for _, out, seed in parts], groups)
+        self.weight = nn.Parameter(full.chunk(ctx.size, dim=0)[ctx.rank].clone())  # (G/p sum_j out_j/G, in)
         mark_sharded(self.weight, 0, ctx)
-        self.weight.fused_parts = tuple((name, n) for (name, _, _), n in zip(parts, self.sizes))
+        self.weight.fused_parts = tuple((name, n) for (name, _, _), n in zip(parts, self.per_group))
+        self.weight.fused_groups = groups
 
     def forward(self, x_parallel: torch.Tensor) -> list[torch.Tensor]:
-        y = F.linear(x_parallel, self.weight)  # (..., sum_j out_j/p)
-        return y.split(self.sizes, dim=-1)  # views (..., out_j/p), one per part
+        y = F.linear(x_parallel, self.weight)  # (..., G/p * R), R = sum_j out_j/G
+        y = y.view(*y.shape[:-1], self.local_groups, sum(self.per_group))  # (..., G/p, R)
+        return y.split(self.per_group, dim=-1)  # views (..., G/p, out_j/G), one per part
 
 
 def fused_part_names(name: str, p) -> list[str]:
@@ -187,18 +196,22 @@ def fused_part_names(name: str, p) -> list[str]:
     return [f"{parent}.{n}.{last}" if parent else f"{n}.{last}" for n, _ in parts]
 
 
-def split_full(full: torch.Tensor, p, tp_size: int) -> list[torch.Tensor]:
-    """Gathered fused tensor [W_1; ..; W_p] (each W_i = [A^1_i; ..; A^m_i]) -> the full parts A^1 .. A^m."""
-    rows = [n for _, n in p.fused_parts]
-    per_rank = full.reshape(tp_size, sum(rows), *full.shape[1:])  # (p, sum_j out_j/p, in)
-    return [t.reshape(tp_size * n, *full.shape[1:]) for t, n in zip(per_rank.split(rows, dim=1), rows)]
+def split_full(w: torch.Tensor, groups: int, per_group: list[int]) -> list[torch.Tensor]:
+    """Grouped fused rows (groups * sum(per_group), ...) -> the parts (groups * per_group[j], ...); works on the
+    full tensor and on a rank's shard alike (a shard is whole groups)."""
+    g = w.reshape(groups, sum(per_group), *w.shape[1:])  # (G, R, in)
+    return [t.reshape(groups * n, *w.shape[1:]) for t, n in zip(g.split(per_group, dim=1), per_group)]
 
 
-def fuse_full(parts: list[torch.Tensor], p, tp_size: int) -> torch.Tensor:
-    """Full parts A^1 .. A^m -> the gathered order [W_1; ..; W_p]; slicing it by rows like any dim-0 shard
-    (rank i: rows [i R, (i+1) R), R = sum_j out_j/p) gives W_i."""
-    chunks = [t.chunk(tp_size, dim=0) for t in parts]  # m x p chunks (out_j/p, in)
-    return torch.cat([c[i] for i in range(tp_size) for c in chunks], dim=0)
+def fuse_full(parts: list[torch.Tensor], groups: int) -> torch.Tensor:
+    """The parts (out_j, ...) -> grouped fused rows (sum_j out_j, ...): group g = [A^1_(g); ..; A^m_(g)]."""
+    g = [t.reshape(groups, t.shape[0] // groups, *t.shape[1:]) for t in parts]  # (G, out_j/G, in)
+    return torch.cat(g, dim=1).reshape(sum(t.shape[0] for t in parts), *parts[0].shape[1:])
+
+
+def fused_split(w: torch.Tensor, p) -> list[torch.Tensor]:
+    """A fused parameter's full (gathered) tensor -> its full parts."""
+    return split_full(w, p.fused_groups, [n for _, n in p.fused_parts])
 
 
 def expose_unfused_state(module: nn.Module, attr: str) -> None:
@@ -211,18 +224,18 @@ def expose_unfused_state(module: nn.Module, attr: str) -> None:
         if key not in sd:
             return sd
         w, child = sd.pop(key), getattr(mod, attr)
-        if w.shape[0] != sum(child.sizes):  # a partitioned placeholder (ZeRO-3): keep it whole
+        if w.shape[0] != child.local_groups * sum(child.per_group):  # a partitioned placeholder (ZeRO-3)
             sd[key] = w
             return sd
-        for (name, _), t in zip(child.weight.fused_parts, w.split(child.sizes, dim=0)):
-            sd[f"{prefix}{name}.weight"] = t
+        for (name, _), t in zip(child.weight.fused_parts, split_full(w, child.local_groups, child.per_group)):
+            sd[f"{prefix}{name}.weight"] = t  # this rank's shard of the part
         return sd
 
     def load_hook(sd, prefix, *_):
         child = getattr(module, attr)
         keys = [f"{prefix}{name}.weight" for name, _ in child.weight.fused_parts]
         if all(k in sd for k in keys):
-            sd[f"{prefix}{attr}.weight"] = torch.cat([sd.pop(k) for k in keys], dim=0)
+            sd[f"{prefix}{attr}.weight"] = fuse_full([sd.pop(k) for k in keys], child.local_groups)
 
     module._register_state_dict_hook(save_hook)
     module._register_load_state_dict_pre_hook(load_hook)

@@ -171,6 +171,9 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
     stage = build_stage(run.model, groups, seed=run.seed, sequence_parallel=layout.sequence_parallel,
                         checkpointing=run.train.activation_checkpointing, partition_method=run.parallel.partition)
     prepare_qat(stage.model, qat_spec(run.train))  # fake-quantized linears, before the engine takes the parameters
+    if run.train.compile:  # regional torch.compile of the blocks; names and parameters unchanged
+        from megaseek.model.decoder import compile_blocks
+        compile_blocks(stage.model)
     engine, _, scheduler, _ = build_engine(stage.model, cfg, layout, groups)
     if layout.pp > 1:
         from megaseek.pipeline.partition import partition
