@@ -52,7 +52,7 @@ def build_stage(mcfg: ModelConfig, groups: ParallelGroups, *, seed: int, sequenc
     first, last = index == 0, index == stages - 1
     model = Decoder(mcfg, ctx, seed=seed, rng=rng, checkpointing=checkpointing,
                     first_layer=lo, last_layer=hi, pre=first, post=last, ep=EPContext.from_axis(groups.ep))
-    tied = stages > 1 and mcfg.tie_embeddings
+    tied = stages > 1 and (mcfg.tie_embeddings or mcfg.mtp_depth > 0)  # the last stage's head or MTP input
     tied_copy = model.embed.weight if (tied and last) else None
     tied_weight = model.embed.weight if tied and (first or last) else None
     mark_norm_ownership(model, ctx.rank, [tied_copy] if tied_copy is not None else [])

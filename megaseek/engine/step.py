@@ -127,7 +127,8 @@ class StepRunner:
             out = self._forward(batches[i], x)
             if not last:
                 return out
-            parts = add_model_losses(self.module, self.objective(self.module, out, batches[i]))  # + MoE balance
+            parts = self.objective(self.module, out, batches[i])
+            parts = add_model_losses(self.module, parts, batches[i])  # + MoE balance, multi-token prediction
             loss = parts.loss_sum / denom  # see 2.: the micro-batch mean when every token is valid
             if loss_hook is not None:
                 loss = loss_hook(loss)
@@ -138,7 +139,12 @@ class StepRunner:
 
         self._grad_norm = None
         times = run_1f1b(self.engine, self.comm, m, forward_step, self._before_optimizer_step)
-        vals = [local_loss] + [metric_sums[k] for k in sorted(metric_sums)]
+        names = sorted(metric_sums)
+        if self.stage.stages > 1:  # only the last stage knows the metrics' names (model terms such as MTP's)
+            box = [names]
+            dist.broadcast_object_list(box, src=self.groups.pp.ranks[-1], group=self.groups.pp.group)
+            names = box[0]
+        vals = [local_loss] + [metric_sums.get(k, 0.0) for k in names]
         if self.groups.dp.size > 1:  # sum over data-parallel ranks of sum_m loss_sum * D / N -> the mean x D
             t = torch.tensor(vals, dtype=torch.float64)
             if last:
@@ -151,7 +157,7 @@ class StepRunner:
                "time_step_s": times.step_s}
         if self.stage.stages > 1:
             out["pipeline_busy_fraction"] = times.busy_s / max(times.total_s, 1e-12)
-        out.update({f"{self.objective.name}/{k}": v for k, v in zip(sorted(metric_sums), vals[1:])})
+        out.update({f"{self.objective.name}/{k}": v for k, v in zip(names, vals[1:])})
         return out
 
     @torch.no_grad()

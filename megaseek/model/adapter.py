@@ -31,6 +31,24 @@ from typing import Optional
 import torch
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_MTP = re.compile(r"^mtp\.(\d+)\.(.+)$")
+
+
+def mtp_shapes(cfg) -> dict:
+    """Canonical names -> shapes of the multi-token prediction modules (megaseek/model/mtp.py), depth d = 0..D-1:
+    mtp.{d}.{hnorm,enorm,norm}.weight (h,), mtp.{d}.eh_proj (h, 2h) and mtp.{d}.block.<a dense layer's names>."""
+    if not getattr(cfg, "mtp_depth", 0):
+        return {}
+    import dataclasses
+    one = adapter_for(dataclasses.replace(cfg, mlp="swiglu", num_layers=1, mtp_depth=0,
+                                          first_k_dense_replace=0)).expected_shapes()
+    block = {n[len("layers.0."):]: s for n, s in one.items() if n.startswith("layers.0.")}
+    h, out = cfg.hidden_size, {}
+    for d in range(cfg.mtp_depth):
+        out.update({f"mtp.{d}.{k}.weight": (h,) for k in ("hnorm", "enorm", "norm")})
+        out[f"mtp.{d}.eh_proj"] = (h, 2 * h)
+        out.update({f"mtp.{d}.block.{k}": v for k, v in block.items()})
+    return out
 
 
 class DenseAdapter:
@@ -68,6 +86,7 @@ class DenseAdapter:
                  "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i)}
         for L in range(cfg.num_layers):
             shapes.update({f"layers.{L}.{k}": s for k, s in layer.items()})
+        shapes.update(mtp_shapes(cfg))
         return shapes
 
     # --- Hugging Face ---
@@ -105,8 +124,9 @@ class DenseAdapter:
 
 
     def to_hf_state(self, weights: dict) -> dict:
-        """Canonical full tensors -> Hugging Face state dict (names only: no tensor changes)."""
-        return {self.to_hf(n): t for n, t in weights.items()}
+        """Canonical full tensors -> Hugging Face state dict (names only: no tensor changes). LlamaForCausalLM
+        has no multi-token prediction modules: `mtp.*` tensors are not exported."""
+        return {self.to_hf(n): t for n, t in weights.items() if not _MTP.match(n)}
 
     def from_hf_state(self, hf: dict, hf_cfg: dict) -> dict:
         """Hugging Face state dict -> canonical full tensors (tensors we do not hold, e.g. rotary buffers, dropped)."""
@@ -195,6 +215,7 @@ class DeepseekV3Adapter(DenseAdapter):
             shapes.update({p + "attn_norm.weight": (h,), p + "mlp_norm.weight": (h,)})
             shapes.update({f"{p}attn.{k}.weight": s for k, s in attn.items()})
             shapes.update({f"{p}mlp.{k}": s for k, s in self._mlp_shapes(L).items()})
+        shapes.update(mtp_shapes(cfg))
         return shapes
 
     def _mlp_shapes(self, L: int) -> dict:
@@ -211,6 +232,12 @@ class DeepseekV3Adapter(DenseAdapter):
         return out
 
     def to_hf(self, name: str) -> str:
+        if mt := _MTP.match(name):  # DeepSeek's layout: depth d is model.layers.{num_layers + d}
+            j, rest = self.cfg.num_layers + int(mt.group(1)), mt.group(2)
+            if rest.startswith("block."):
+                return self.to_hf(f"layers.{j}.{rest[len('block.'):]}")
+            hf = {"norm.weight": "shared_head.norm.weight", "eh_proj": "eh_proj.weight"}.get(rest, rest)
+            return f"model.layers.{j}.{hf}"
         m = _LAYER.match(name)
         if not m:
             return self.TOP[name]
@@ -267,7 +294,13 @@ class DeepseekV3Adapter(DenseAdapter):
 
     def to_hf_state(self, weights: dict, rope_interleave: bool = True) -> dict:
         """Canonical tensors -> DeepseekV3 state dict, rope rows interleaved when `rope_interleave`."""
-        return {self.to_hf(n): (self._permute(n, t, True) if rope_interleave else t) for n, t in weights.items()}
+        out = {self.to_hf(n): (self._permute(n, t, True) if rope_interleave else t) for n, t in weights.items()}
+        head = weights["embed.weight" if self.cfg.tie_embeddings else "lm_head.weight"]
+        for d in range(getattr(self.cfg, "mtp_depth", 0)):  # DeepSeek's MTP layers carry their shared tensors too
+            j = self.cfg.num_layers + d
+            out[f"model.layers.{j}.embed_tokens.weight"] = weights["embed.weight"].clone()  # safetensors: no aliases
+            out[f"model.layers.{j}.shared_head.head.weight"] = head.clone()
+        return out
 
     def from_hf_state(self, hf: dict, hf_cfg: dict) -> dict:
         out = {}
@@ -300,7 +333,8 @@ class DeepseekV3Adapter(DenseAdapter):
              "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
              "rope_interleave": bool(rope_interleave), "tie_word_embeddings": bool(cfg.tie_embeddings),
              "attention_bias": False, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
-             "num_nextn_predict_layers": 0, "use_cache": True, "bos_token_id": eos_id, "eos_token_id": eos_id,
+             "num_nextn_predict_layers": int(getattr(cfg, "mtp_depth", 0)), "use_cache": True,
+             "bos_token_id": eos_id, "eos_token_id": eos_id,
              "pad_token_id": pad_id, "torch_dtype": "float32", "dtype": "float32",
              "first_k_dense_replace": cfg.first_k_dense_replace if moe else cfg.num_layers,
              "moe_intermediate_size": cfg.moe_intermediate_size if moe else cfg.intermediate_size,

@@ -54,6 +54,9 @@ class ModelConfig:
     bias_update_rate: float = 1.0e-3   # aux_free: b += rate * sign(mean load - load) once per global batch
     aux_loss_coef: float = 1.0e-3      # alpha of the seq_aux / aux balance loss
     capacity_factor: Optional[float] = None  # null: dropless; else each expert takes ceil(cf * T k / E) per batch
+    # Multi-token prediction (megaseek/model/mtp.py): D extra depths on the last stage, loss weight lambda
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
     # Multi-head latent attention (attention: mla; megaseek/model/mla.py); unused by gqa
     q_lora_rank: Optional[int] = None  # null: a plain q_proj
     kv_lora_rank: int = 64
@@ -90,6 +93,9 @@ class ModelConfig:
                   "max_seq_len"):
             if getattr(self, k) < 1:
                 bad(f"model.{k} must be >= 1, got {getattr(self, k)}")
+        if not 0 <= self.mtp_depth < self.max_seq_len - 1 or self.mtp_loss_weight < 0:
+            bad(f"model.mtp_depth={self.mtp_depth} must be in [0, model.max_seq_len - 2] and "
+                f"model.mtp_loss_weight={self.mtp_loss_weight} >= 0")
         if self.attention == "mla":
             self._validate_mla(bad)
         elif self.hidden_size % self.num_heads:

@@ -99,7 +99,7 @@ class Decoder(nn.Module):
         self.padded_vocab = padded_vocab_size(cfg.vocab_size, ctx.size, cfg.pad_vocab_multiple)
         self.vocab_start = ctx.rank * (self.padded_vocab // ctx.size)
         self.embed = None
-        if pre or (post and cfg.tie_embeddings):
+        if pre or (post and (cfg.tie_embeddings or cfg.mtp_depth > 0)):  # MTP embeds its input tokens
             self.embed = VocabParallelEmbedding(cfg.vocab_size, self.padded_vocab, cfg.hidden_size, ctx,
                                                 std=cfg.init_std, seed=seed)
         self.layers = nn.ModuleList(Block(cfg, ctx, i, seed, rng, checkpointing, ep)
@@ -110,6 +110,13 @@ class Decoder(nn.Module):
         if post and not cfg.tie_embeddings:
             self.lm_head = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab, ctx, std=cfg.init_std,
                                                 seed=seed + 7, valid_out=cfg.vocab_size)
+        self.mtp, self._mtp_hidden = None, None  # multi-token prediction (megaseek/model/mtp.py)
+        if post and cfg.mtp_depth > 0:
+            if ctx.sequence_parallel:
+                raise ValueError(f"model.mtp_depth={cfg.mtp_depth} with parallel.sequence_parallel=true: the MTP "
+                                 f"modules need whole sequences; set one of them off")
+            from megaseek.model.mtp import MTPModule
+            self.mtp = nn.ModuleList(MTPModule(cfg, ctx, k, seed, rng, Block) for k in range(1, cfg.mtp_depth + 1))
         cos, sin = rope_tables(cfg.max_seq_len, cfg.rope_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (s_max, d)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -165,6 +172,8 @@ class Decoder(nn.Module):
                 document_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
         h = self.embed_tokens(x) if self.pre else x
         h = self.run_layers(h, position_ids, document_ids, cache)
+        if self.mtp is not None and self.training and cache is None and torch.is_grad_enabled():
+            self._mtp_hidden = h  # (b, s, h): the objective's step adds the MTP loss (add_model_losses)
         return self.logits(h) if self.post else h
 
 

@@ -13,6 +13,8 @@ attention sub-layer only.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from megaseek.model.config import ModelConfig
 from megaseek.model.spec import attention_cls, layer_params
 
@@ -28,6 +30,12 @@ def param_counts(cfg: ModelConfig) -> dict:
     matmul = sum(lp["matmul"] for lp in layers) + cfg.vocab_size * h  # the head is a matmul, tied or not
     active = embed + sum(lp["active"] for lp in layers) + h + head
     active_matmul = sum(lp["active_matmul"] for lp in layers) + cfg.vocab_size * h
+    if cfg.mtp_depth:  # per depth: W_k (h, 2h), 3 norms, one dense block; the shared head runs once more
+        blk = layer_params(dataclasses.replace(cfg, mlp="swiglu"), cfg.num_layers)
+        mtp, mtp_mm = cfg.mtp_depth * (blk["total"] + 2 * h * h + 3 * h), cfg.mtp_depth * (blk["matmul"] + 2 * h * h)
+        total, active = total + mtp, active + mtp
+        matmul += mtp_mm + cfg.mtp_depth * cfg.vocab_size * h
+        active_matmul += mtp_mm + cfg.mtp_depth * cfg.vocab_size * h
     return {"total": total, "embedding": embed, "per_layer": per_layer, "matmul": matmul,
             "non_embedding": total - embed, "active": active, "active_matmul": active_matmul}
 
@@ -38,7 +46,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str = "none") -> 
     MoE model is computed from what each token computes (as DeepSeek reports 37B active of 671B)."""
     n = param_counts(cfg)["active_matmul"]
     attn_cls = attention_cls(cfg)
-    attn = 3 * cfg.num_layers * attn_cls.score_flops(cfg, seq_len)  # forward + backward (x3)
+    attn = 3 * (cfg.num_layers + cfg.mtp_depth) * attn_cls.score_flops(cfg, seq_len)  # forward + backward (x3)
     model = 6 * n + attn
     hw = model
     if recompute == "full":

@@ -18,7 +18,7 @@ the data-parallel group first, so the denominator is known when each micro-batch
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 
@@ -48,17 +48,25 @@ def valid_tokens(batch: dict) -> torch.Tensor:
     return valid & mask.bool() if mask is not None else valid
 
 
-def add_model_losses(model, parts: LossParts) -> LossParts:
+def add_model_losses(model, parts: LossParts, batch: Optional[dict] = None) -> LossParts:
     """Add the model's own loss terms of this micro-batch to the objective's: every MoE layer's balance-loss
     sum (model.balance seq_aux | aux, token-weighted, megaseek/model/moe/balance.py), reported as the metric
     `moe_aux_loss` (divided by the global count like every metric, i.e. the alpha-weighted mean balance loss
-    summed over layers). A model without MoE layers passes through unchanged."""
+    summed over layers); and, given the micro-batch, the multi-token prediction loss of a model with
+    model.mtp_depth > 0 (megaseek/model/mtp.py), reported as `mtp_loss`. Otherwise `parts` pass unchanged."""
     from megaseek.model.moe.balance import moe_layers
+    from megaseek.model.mtp import take_mtp_loss
+    metrics, loss_sum = dict(parts.metrics), parts.loss_sum
     terms = [t for t in (m.take_aux_loss() for m in moe_layers(model)) if t is not None]
-    if not terms:
+    if terms:
+        aux = torch.stack(terms).sum()
+        metrics["moe_aux_loss"] = aux.detach()
+        loss_sum = loss_sum + aux
+    mtp = take_mtp_loss(model, batch) if batch is not None else None
+    if mtp is not None:  # lambda / D * sum of the depth losses (megaseek/model/mtp.py)
+        loss_sum = loss_sum + mtp[0]
+        metrics["mtp_loss"] = mtp[1]
+    if loss_sum is parts.loss_sum:
         return parts
-    aux = torch.stack(terms).sum()
-    metrics = dict(parts.metrics)
-    metrics["moe_aux_loss"] = aux.detach()
-    return LossParts(loss_sum=parts.loss_sum + aux, count=parts.count, metrics=metrics)
+    return LossParts(loss_sum=loss_sum, count=parts.count, metrics=metrics)
 
