@@ -194,10 +194,11 @@ def test_grpo_bad_input_names_the_key(tmp_path):
 
 
 @pytest.mark.slow
-def test_grpo_zero3_two_ranks_equal_one_process_and_resume_mid_rollout(tmp_path):
-    """The same GRPO run (2 rollouts x 2 epochs = 4 steps) on 1 process at ZeRO-0 and on 2 data-parallel ranks at
-    ZeRO-3 stopped after step 3 (mid-rollout) and resumed: identical rollout tokens, log-probs within 1e-5,
-    losses within 1e-5 on every step (the resumed step 4 trains on the saved rollout)."""
+def test_grpo_zero3_dp2_resumed_and_tp2_equal_one_process(tmp_path):
+    """The same GRPO run (2 rollouts x 2 epochs = 4 steps) on 1 process at ZeRO-0, on 2 data-parallel ranks at
+    ZeRO-3 stopped after step 3 (mid-rollout) and resumed, and at tp = 2: identical rollout tokens and rewards,
+    log-probs within 1e-5, losses within 1e-5 (ZeRO-3 dp2; the resumed step 4 trains on the saved rollout) and
+    1e-4 (tp2) on every step."""
     from safetensors.torch import load_file
 
     from tests.posttrain_support import launch, metrics, write_jsonl
@@ -218,10 +219,17 @@ def test_grpo_zero3_two_ranks_equal_one_process_and_resume_mid_rollout(tmp_path)
           f"process| max {max(diffs):.2e}")
     assert max(diffs) < 1e-5 and len({round(r["loss"], 6) for r in a}) > 1
     assert all(x["reward_mean"] == y["reward_mean"] and x["eos_rate"] == y["eos_rate"] for x, y in zip(a, b))
+    tp = tmp_path / "tp2"  # tensor parallel: vocab-sharded logits gathered for sampling, sharded reference
+    launch("grpo", args + [f"run_dir={tp}", "train.steps=4", "zero.stage=1", "parallel.tp=2"], nproc=2)
+    c = metrics(tp)
+    tp_diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, c))
+    print(f"[grpo layouts] |tp2 - 1 process| loss max {tp_diff:.2e}")
+    assert [r["step"] for r in c] == [1, 2, 3, 4] and tp_diff < 1e-4
     for k in (0, 1):
         ra = load_file(str(tmp_path / "one" / "rollouts" / f"rollout-{k:06d}.safetensors"))
-        rb = load_file(str(two / "rollouts" / f"rollout-{k:06d}.safetensors"))
-        assert torch.equal(ra["batch.input_ids"], rb["batch.input_ids"])
-        assert torch.equal(ra["samples.rewards"], rb["samples.rewards"])
-        for key in ("batch.old_logps", "batch.ref_logps", "samples.advantages"):
-            assert (ra[key] - rb[key]).abs().max() < 1e-5, key
+        for other in (two, tp):
+            rb = load_file(str(other / "rollouts" / f"rollout-{k:06d}.safetensors"))
+            assert torch.equal(ra["batch.input_ids"], rb["batch.input_ids"]), other
+            assert torch.equal(ra["samples.rewards"], rb["samples.rewards"])
+            for key in ("batch.old_logps", "batch.ref_logps", "samples.advantages"):
+                assert (ra[key] - rb[key]).abs().max() < 1e-5, (other, key)
