@@ -328,3 +328,17 @@ def test_deepseek_v2_lite_preset_counts_what_transformers_counts():
     with torch.device("meta"):
         hf = DeepseekV2ForCausalLM(hc)
     assert param_counts(c)["total"] == sum(p.numel() for p in hf.parameters()) == 15_706_484_224
+
+
+def test_gqa_moe_checkpoint_loads_and_export_is_refused(tmp_path, data_root):
+    """gqa attention + MoE MLPs: a checkpoint holds the dense attention names and DeepSeek's MoE names, the tools
+    load it (logits equal the model's), and the HF export is refused by name before anything is written."""
+    from megaseek.ckpt.hf import export_hf, load_model
+    m = _checkpoint(tmp_path / "ckpt", data_root, **{**MOE, "attention": "gqa", "num_kv_heads": 2})
+    assert m.cfg.mlp == "moe" and m.cfg.attention == "gqa" and m.cfg.first_k_dense_replace == 1
+    model, cfg = load_model(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(model(IDS), m(IDS))
+    with pytest.raises(ValueError, match="model.attention=gqa with model.mlp=moe"):
+        export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())

@@ -128,6 +128,27 @@ class DenseAdapter:
         has no multi-token prediction modules: `mtp.*` tensors are not exported."""
         return {self.to_hf(n): t for n, t in weights.items() if not _MTP.match(n)}
 
+    def unfused_state(self, weights: dict) -> dict:
+        """Full tensors under module names -> canonical names: a fused projection's full tensor (as DeepSpeed's
+        zero_to_fp32 reconstructs it; the grouped layout of FusedColumnParallelLinear, the same at every tp)
+        split into its parts: qkv_proj -> q_proj, k_proj, v_proj (groups = kv heads), gate_up_proj ->
+        gate_proj, up_proj (groups = columns)."""
+        from megaseek.tensor_parallel.layers import split_full
+        cfg, d = self.cfg, self.cfg.head_dim
+        fused = {"attn.qkv_proj.weight": (("q_proj", "k_proj", "v_proj"), cfg.num_kv_heads,
+                                          [cfg.num_heads // cfg.num_kv_heads * d, d, d]),
+                 "mlp.gate_up_proj.weight": (("gate_proj", "up_proj"), cfg.intermediate_size, [1, 1])}
+        out = {}
+        for n, t in weights.items():
+            hit = next((k for k in fused if n.endswith(k)), None)
+            if hit is None:
+                out[n] = t
+                continue
+            names, groups, per_group = fused[hit]
+            base = n[: -len(hit)] + hit.split(".")[0]  # layers.{i}.attn | layers.{i}.mlp
+            out.update({f"{base}.{m}.weight": part for m, part in zip(names, split_full(t, groups, per_group))})
+        return out
+
     def from_hf_state(self, hf: dict, hf_cfg: dict) -> dict:
         """Hugging Face state dict -> canonical full tensors (tensors we do not hold, e.g. rotary buffers, dropped)."""
         out = {}
@@ -370,7 +391,34 @@ class DeepseekV3Adapter(DenseAdapter):
         return out
 
 
-ADAPTERS = {("gqa", "swiglu"): DenseAdapter, ("mla", "swiglu"): DeepseekV3Adapter, ("mla", "moe"): DeepseekV3Adapter}
+class GqaMoEAdapter(DenseAdapter):
+    """Grouped-query attention with DeepSeekMoE MLPs: checkpoint names and shapes only (DenseAdapter's attention
+    and norms, DeepseekV3Adapter's MLP names: layers.{i}.mlp.gate.weight, .gate.e_score_correction_bias,
+    .experts.{e}.{gate,up,down}_proj.weight, .shared_experts.*; the first `first_k_dense_replace` layers dense).
+    No transformers class holds this pair, so Hugging Face export is refused with one message."""
+    kind = "gqa_moe"
+    hf_architecture = None
+
+    def expected_shapes(self) -> dict:
+        shapes = super().expected_shapes()
+        moe = DeepseekV3Adapter(self.cfg)
+        for L in range(self.cfg.num_layers):
+            if moe._moe_layer(L):
+                for k in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"):
+                    del shapes[f"layers.{L}.mlp.{k}"]
+                shapes.update({f"layers.{L}.mlp.{k}": v for k, v in moe._mlp_shapes(L).items()})
+        return shapes
+
+    def _no_hf(self, *_a, **_k):
+        raise ValueError("model.attention=gqa with model.mlp=moe has no Hugging Face model class: export an MLA "
+                         "model (model.attention=mla -> DeepseekV3ForCausalLM) or a dense one (model.mlp=swiglu "
+                         "-> LlamaForCausalLM)")
+
+    to_hf = from_hf = hf_config = to_hf_state = from_hf_state = _no_hf
+
+
+ADAPTERS = {("gqa", "swiglu"): DenseAdapter, ("gqa", "moe"): GqaMoEAdapter, ("mla", "swiglu"): DeepseekV3Adapter,
+            ("mla", "moe"): DeepseekV3Adapter}
 HF_ADAPTERS = {"LlamaForCausalLM": DenseAdapter, "DeepseekV3ForCausalLM": DeepseekV3Adapter}
 
 
