@@ -6,7 +6,8 @@
 
 `checkpoint` is a checkpoint directory or a run directory (its newest valid checkpoint). `prompts` is JSON
 Lines: each line holds `prompt` (a string, tokenized as is) or `messages` (a chat, rendered with the chat
-template of megaseek/data/chat.py plus the assistant marker). `out` receives the same lines with
+template of megaseek/data/chat.py plus the assistant marker; a trailing assistant turn, as in SFT data, is the
+reference answer and is left out of the prompt). `out` receives the same lines with
 `completion` (the decoded new tokens, the stop token excluded) and `finish_reason` ("stop" | "length") added.
 temperature 0 is greedy; sampling is seeded per line (seed, line index), so a line's completion does not
 depend on batch_size. Generation stops at the end-of-turn token (chat) or EOS. Bad input exits with code 2
@@ -55,6 +56,10 @@ def encode_prompt(tok, obj: dict, where: str) -> list:
             msgs = check_messages(obj)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+        if msgs[-1]["role"] == "assistant":  # an SFT line: its last assistant turn is the reference, not the prompt
+            msgs = msgs[:-1]
+        if not msgs:
+            raise ValueError(f"{where}: only an assistant turn: nothing to prompt with")
         return encode_chat(tok, msgs, add_generation_prompt=True)[0]
     ids = tok.encode(obj["prompt"]).ids
     if not ids:

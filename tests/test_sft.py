@@ -72,6 +72,20 @@ def test_jsonl_bad_lines_counted_and_unlearnable_refused_by_name(tok, tmp_path):
         read_sft_jsonl(q, tok, 64)
 
 
+def test_generate_prompt_leaves_out_a_trailing_assistant_turn(tok):
+    """launch/generate.py on SFT lines: the reference answer is not shown to the model."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gen_cli", "launch/generate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    want = encode_chat(tok, CONV[1:2], add_generation_prompt=True)[0]
+    assert cli.encode_prompt(tok, {"messages": CONV[1:3]}, "f:1") == want
+    assert cli.encode_prompt(tok, {"messages": CONV[1:2]}, "f:2") == want
+    assert len(cli.encode_prompt(tok, {"messages": CONV[:4]}, "f:3")) > len(want)  # earlier turns stay
+    with pytest.raises(ValueError, match="f:4: only an assistant turn"):
+        cli.encode_prompt(tok, {"messages": CONV[2:3]}, "f:4")
+
+
 def test_preference_jsonl_bad_lines_counted_and_unusable_refused_by_name(tok, tmp_path):
     """The same JSONL contract for preference pairs (one reader, megaseek/data/chat.py::read_jsonl)."""
     from megaseek.tasks.preference import read_pairs
