@@ -3,10 +3,28 @@ losses within 1e-5 over 10 steps at tp=1 (dp=2) and at tp=2, with full activatio
 Slow: inductor compiles the block's forward and backward on CPU (minutes on a loaded 2-core machine)."""
 import pytest
 
-from tests.test_fused import COMMON, _train
-from tests.helpers import run_world
+from tests.helpers import compose, run_world
+from tests.test_fused import COMMON
 
 LAYOUTS = {"dp2": [], "tp2": ["parallel.tp=2", "train.activation_checkpointing=full"]}
+
+
+def _train(rank, world, runs, data_root):
+    """Each run's metrics and how many graphs dynamo compiled during it (0 would mean eager ran)."""
+    import json
+    from pathlib import Path
+
+    from torch._dynamo.utils import counters
+
+    from megaseek.train.job import pretrain
+    out = {}
+    for run_dir, overrides in runs:
+        before = counters["stats"]["unique_graphs"]
+        pretrain(compose(COMMON + [f"data.root={data_root}", f"run_dir={run_dir}"] + overrides))
+        graphs = counters["stats"]["unique_graphs"] - before
+        if rank == 0:
+            out[run_dir] = ([json.loads(l) for l in Path(run_dir, "metrics.jsonl").read_text().splitlines()], graphs)
+    return out
 
 
 @pytest.mark.slow
@@ -15,7 +33,8 @@ def test_compiled_training_equals_eager_at_dp2_and_tp2(data_root, tmp_path):
             for name, over in LAYOUTS.items() for c in ("false", "true")]
     res = run_world(2, _train, runs, str(data_root), timeout=1500)[0]
     for name in LAYOUTS:
-        e, c = res[str(tmp_path / f"{name}-false")], res[str(tmp_path / f"{name}-true")]
+        (e, ge), (c, gc) = res[str(tmp_path / f"{name}-false")], res[str(tmp_path / f"{name}-true")]
+        assert ge == 0 and gc >= 1, (name, ge, gc)  # the compiled run did compile, the eager one did not
         assert len(e) == len(c) == 10
         dl = max(abs(a["loss"] - b["loss"]) for a, b in zip(e, c))
         print(f"[compile] {name}: max |loss diff| compiled vs eager over 10 steps {dl:.2e}")
