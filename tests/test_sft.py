@@ -72,6 +72,22 @@ def test_jsonl_bad_lines_counted_and_unlearnable_refused_by_name(tok, tmp_path):
         read_sft_jsonl(q, tok, 64)
 
 
+def test_rl_prompt_jsonl_bad_lines_counted_and_too_long_refused_by_name(tok, tmp_path):
+    """RL prompt files (megaseek/tasks/rollout.py::read_prompt_lines) share the JSONL reader: extra fields reach
+    the reward, bad lines are counted, a prompt with no room for the response is refused naming file:line."""
+    from megaseek.tasks.rollout import read_prompt_lines
+    p = tmp_path / "rl.jsonl"
+    p.write_text("\n".join([json.dumps({"prompt": "hello world", "answer": "42"}), "[1, 2]",
+                            json.dumps({"prompt": 3}), json.dumps({"prompt": CONV[1:2]})]) + "\n")
+    logs = []
+    lines = read_prompt_lines(p, tok, 64, 8, log=logs.append)
+    assert [x.where for x in lines] == [f"{p}:1", f"{p}:4"] and lines[0].fields == {"answer": "42"}
+    assert lines[1].ids == encode_chat(tok, CONV[1:2], add_generation_prompt=True)[0]
+    assert len(logs) == 1 and logs[0].startswith(f"[prompts] {p}: 2 bad line(s) skipped, first: {p}:2")
+    with pytest.raises(ChatDataError, match=f"{p}:1: prompt .* exceeds train.seq_len"):
+        read_prompt_lines(p, tok, 12, 8)
+
+
 def test_generate_prompt_leaves_out_a_trailing_assistant_turn(tok):
     """launch/generate.py on SFT lines: the reference answer is not shown to the model."""
     import importlib.util

@@ -246,39 +246,20 @@ def read_prompt_lines(path, tok, seq_len: int, max_new_tokens: int, log=print, k
     """PromptLines of an RL prompt file: JSON Lines of {"prompt": str | messages, ...extra}. A string prompt is
     one user turn. Malformed lines are counted and reported once, never fatal; a prompt that leaves no room
     for `max_new_tokens` response tokens in `seq_len` is refused naming file:line and the keys to change."""
-    import json
-    from pathlib import Path
-
-    from megaseek.data.chat import ChatDataError, encode_chat
+    from megaseek.data.chat import ChatDataError, encode_chat, read_jsonl
     from megaseek.tasks.preference import prompt_messages
-    path = Path(path)
-    if not path.is_file():
-        raise ChatDataError(f"{path}: no such RL prompt file")
-    out, bad, first = [], 0, None
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), (str, list)):
-                    raise ValueError('expected {"prompt": str | messages, ...extra fields}')
-                ids, _ = encode_chat(tok, prompt_messages(obj["prompt"]), add_generation_prompt=True)
-            except (ValueError, json.JSONDecodeError) as e:
-                bad += 1
-                first = first or f"{where}: {e}"
-                continue
-            if len(ids) + max_new_tokens > seq_len:
-                raise ChatDataError(f"{where}: prompt ({len(ids)} tokens) + {key} ({max_new_tokens}) exceeds "
-                                    f"train.seq_len ({seq_len}): no room for the response; raise train.seq_len, "
-                                    f"lower {key} or shorten the prompt")
-            out.append(PromptLine(ids, {k: v for k, v in obj.items() if k != "prompt"}, where))
-    if bad:
-        log(f"[prompts] {path}: {bad} bad line(s) skipped, first: {first}")
-    if not out:
-        raise ChatDataError(f"{path}: no usable RL prompt ({bad} bad lines)")
-    return out
+
+    def parse(obj, where: str) -> PromptLine:
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), (str, list)):
+            raise ValueError('expected {"prompt": str | messages, ...extra fields}')
+        ids, _ = encode_chat(tok, prompt_messages(obj["prompt"]), add_generation_prompt=True)
+        if len(ids) + max_new_tokens > seq_len:
+            raise ChatDataError(f"{where}: prompt ({len(ids)} tokens) + {key} ({max_new_tokens}) exceeds "
+                                f"train.seq_len ({seq_len}): no room for the response; raise train.seq_len, "
+                                f"lower {key} or shorten the prompt")
+        return PromptLine(ids, {k: v for k, v in obj.items() if k != "prompt"}, where)
+
+    return read_jsonl(path, parse, kind="RL prompt", tag="prompts", log=log)[0]
 
 
 def exact_match(completion: str, fields: dict) -> float:
