@@ -6,32 +6,7 @@ reward.fn=module:function [grpo.group_size=4] [grpo.advantage=group_norm|loo] [g
 megaseek.tasks.rollout:exact_match (1 when the completion equals the line's "answer"). Per rollout: group_size
 samples per prompt, group advantages, grpo.epochs passes of the clipped objective; metrics.jsonl gets
 reward_mean, kl_ref, grpo/kl, response_length, eos_rate and, with data.valid, val_reward (greedy)."""
-import sys
-
-from megaseek.distributed.env import quiet_startup, strip_local_rank_arg
-
-sys.argv = strip_local_rank_arg(sys.argv)  # the deepspeed launcher's --local_rank=N must not reach Hydra
-quiet_startup()
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from megaseek.config.launch import refuse_unknown_overrides  # noqa: E402
-
-refuse_unknown_overrides(sys.argv[1:])
-
-
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from megaseek.config.schema import ConfigError
-    from megaseek.data.chat import ChatDataError
-    from megaseek.tasks.grpo import run
-    try:
-        run(cfg)
-    except (ConfigError, ChatDataError) as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
+from megaseek.train.entry import stage_main
 
 if __name__ == "__main__":
-    main()
+    stage_main("megaseek.tasks.grpo:run", __file__)
