@@ -142,3 +142,57 @@ def test_ppo_refuses_bad_input(sft, tmp_path):
     p = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=300)  # neither reward.fn nor model
     assert p.returncode == 2 and "reward.fn=module:function" in p.stderr and "reward.model" in p.stderr, p.stderr
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def _reward_model(sft_dir, out_dir):
+    """A reward-model checkpoint of the policy's architecture: the SFT weights + a random `<|reward|>` row."""
+    from tokenizers import AddedToken
+
+    from megaseek.ckpt.hf import load_model
+    from megaseek.ckpt.init_from import grow_rows
+    from megaseek.data.tokenizer import load_tokenizer
+    from megaseek.model.decoder import Decoder
+    from megaseek.tasks.reward import REWARD_TOKEN
+    from megaseek.tasks.sft import write_checkpoint
+    src, _ = load_model(sft_dir)
+    tok = load_tokenizer(sorted((sft_dir / "checkpoints").glob("global_step*"))[-1] / "tokenizer.json")
+    tok.add_special_tokens([AddedToken(REWARD_TOKEN, special=True, normalized=False)])
+    cfg = model_cfg(tok.get_vocab_size())
+    m = Decoder(cfg, seed=0)
+    m.load_state_dict(grow_rows(src.state_dict(), src.cfg.vocab_size, cfg.vocab_size))
+    with torch.no_grad():
+        m.head_weight()[tok.token_to_id(REWARD_TOKEN)].normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    return write_checkpoint(out_dir, 1, cfg, m.state_dict(), tok)
+
+
+@pytest.mark.slow
+def test_ppo_with_a_reward_model_resumes_mid_rollout_exactly(sft, tmp_path):
+    """reward.model scoring + critic from it, adaptive k3 KL, missing-EOS penalty: a run resumed from its step-3
+    checkpoint (the second epoch of rollout 1, replayed from run_dir/rollouts; policy and critic with their Adam
+    steps and lr schedules, the saved beta) to step 6 (a new rollout) equals the uninterrupted run."""
+    import shutil
+    d = sft
+    _reward_model(d / "sft", tmp_path / "rm")
+    train = _prompts(tmp_path / "p.jsonl", 64)
+    args = [f"train.init_from={d / 'sft'}", f"data.train={train}", f"reward.model={tmp_path / 'rm'}",
+            "ppo.kl_target=1.0", "ppo.kl_horizon=100", "ppo.kl_estimator=k3", "ppo.missing_eos_penalty=1.0",
+            "reward.fn=null", "train.steps=6"] + \
+        [a for a in PPO_ARGS if not a.startswith(("reward.fn", "train.save_interval"))] + ["train.save_interval=3"]
+    full = tmp_path / "full"
+    launch("ppo", args + [f"run_dir={full}"])
+    res = tmp_path / "res"  # what a run killed after its step-3 checkpoint leaves behind
+    for sub in ("checkpoints/global_step3", "critic/checkpoints/global_step3", "rollouts/rollout-000001.pt"):
+        src, dst = full / sub, res / sub
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    out = launch("ppo", args + [f"run_dir={res}"])
+    assert "resumed from global_step3" in out and "critic restored" in out
+    recs, again = metrics(full), {r["step"]: r for r in metrics(res)}
+    assert sorted(again) == [4, 5, 6]
+    keys = ("loss", "value_loss", "kl", "kl_coef", "score", "ppo/approx_kl", "lr")
+    worst = {k: max(abs(r[k] - again[r["step"]][k]) for r in recs[3:]) for k in keys}
+    print(f"[ppo resume] max |full - resumed| over steps 4-6 {worst}; kl_coef {[r['kl_coef'] for r in recs]}")
+    assert worst["loss"] < 1e-5 and worst["value_loss"] < 1e-5 and worst["kl"] < 1e-5 and worst["lr"] == 0.0
+    assert worst["kl_coef"] < 1e-12 and worst["score"] < 1e-5
+    assert recs[-1]["kl_coef"] < recs[0]["kl_coef"]  # KL below the target: the adaptive beta went down
+    assert (res / "critic" / "checkpoints" / "global_step6").is_dir()

@@ -278,28 +278,39 @@ class PPOLog:
 
 
 class CriticCheckpoints:
-    """A callback: the critic's weights and Adam moments in run_dir/critic at the policy's checkpoint steps;
-    on start, a resumed run (the policy restored at step n) restores the critic's step-n checkpoint."""
+    """A callback: the critic's weights, Adam moments and lr schedule in run_dir/critic at the policy's
+    checkpoint steps; on start, a resumed run (the policy restored at step n) restores the critic's step n."""
 
-    def __init__(self, manager, save_every: int, log=print):
-        self.m, self.every, self.log = manager, int(save_every), log
+    def __init__(self, manager, engine, scheduler, save_every: int, log=print):
+        self.m, self.engine, self.scheduler, self.every, self.log = manager, engine, scheduler, int(save_every), log
+
+    def _save(self, step: int) -> None:
+        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        self.m.save(step, {"step": step, "scheduler": sched, "adam_step": self.m.optimizer_step_count()})
 
     def on_fit_start(self, t) -> None:
         if t.step == 0:
             return
         from megaseek.ckpt import checkpoint as C
+        from megaseek.train.state import per_group_lists
         path = C.checkpoint_dir(self.m.run_dir) / C.tag_for(t.step)
         if not path.is_dir():
             raise RuntimeError(f"resume at step {t.step}: the critic has no checkpoint {path}")
-        self.m.load(path)
+        st = self.m.load(path)
+        sched = self.scheduler.state_dict()
+        sched.update(per_group_lists(st["scheduler"], len(self.scheduler.optimizer.param_groups)))
+        self.scheduler.load_state_dict(sched)
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.engine.global_steps = int(st["step"])
         self.log(f"[ppo] critic restored from {path}")
 
     def on_step_end(self, t, out: dict) -> None:
         if not out.get("rolled_back") and not t.stopping and (t.step % self.every == 0 or t.step == t.steps):
-            self.m.save(t.step, {"step": t.step})
+            self._save(t.step)
 
     def on_stop(self, t, reason: str) -> None:
-        self.m.save(t.step, {"step": t.step})
+        self._save(t.step)
 
     def on_rollback(self, t, step: int) -> None: ...
     def on_train_end(self, t) -> None: ...
@@ -324,7 +335,7 @@ def critic_init_from_policy(ckpt: Path, mcfg, tok, value_id: int, run_dir: Path)
 
 
 def build_critic(stage, job_cfg, runner, init_dir, value_objective):
-    """(critic StepRunner, RunConfig, engine, stage): a Decoder stage + DeepSpeed engine at the run's layout,
+    """(critic StepRunner, RunConfig, its lr scheduler): a Decoder stage + DeepSpeed engine at the run's layout,
     weights from `init_dir` (vocabulary grown like train.init_from)."""
     from megaseek.ckpt.init_from import load_init_weights
     from megaseek.ckpt.manager import CheckpointManager
@@ -338,11 +349,11 @@ def build_critic(stage, job_cfg, runner, init_dir, value_objective):
     run = RunConfig.from_config(job_cfg)
     cstage = build_stage(run.model, runner.groups, seed=run.seed + 1, sequence_parallel=layout.sequence_parallel,
                          checkpointing=run.train.activation_checkpointing, partition_method=run.parallel.partition)
-    engine, _, _, _ = build_engine(cstage.model, job_cfg, layout, runner.groups)
+    engine, _, scheduler, _ = build_engine(cstage.model, job_cfg, layout, runner.groups)
     load_init_weights(init_dir, engine, runner.groups, run.model, log=log0)
     crunner = StepRunner(engine, cstage, runner.groups, value_objective, micro_batch=layout.micro_batch,
                          seq_len=layout.seq_len, zero_stage=run.zero.stage, device=runner.device)
-    return crunner, run, engine, cstage
+    return crunner, run, scheduler
 
 
 def run(cfg) -> dict:
@@ -404,8 +415,8 @@ def run(cfg) -> dict:
             ld.scorer.model = reference_model(mcfg, runner.groups, rm_ckpt).to(runner.device)
         vobj = P.PPOValueObjective(ld.value_id, float(p.value_clip))
         init = rm_ckpt or critic_init_from_policy(stage.ckpt, mcfg, stage.tok, ld.value_id, ld.dir.parent)
-        crunner, run, _, _ = build_critic(stage, stage.cfg, runner, init, vobj)
-        holder["critic"], holder["run"] = crunner, run
+        crunner, run, sched = build_critic(stage, stage.cfg, runner, init, vobj)
+        holder["critic"], holder["run"], holder["sched"] = crunner, run, sched
         ld.attach(runner, crunner, ref)
         return PPOLog(ld, holder["valid"], every, steps)
 
@@ -416,5 +427,6 @@ def run(cfg) -> dict:
     manager = CheckpointManager(job.run_dir / "critic", crunner.engine, job.groups, holder["run"].model,
                                 job.run_dir / "tokenizer.json", keep=int(holder["run"].train.ckpt_keep), log=log0)
     job.trainer.runner = PPORunner(job.trainer.runner, crunner)
-    job.trainer.callbacks.insert(1, CriticCheckpoints(manager, holder["run"].train.save_interval, log0))
+    job.trainer.callbacks.insert(1, CriticCheckpoints(manager, crunner.engine, holder["sched"],
+                                                      holder["run"].train.save_interval, log0))
     return job.run_job()
