@@ -7,32 +7,7 @@
 rewards, critic values, GAE, advantages whitened over the global batch, ppo.epochs x ppo.minibatches steps of
 the clipped policy + value losses (megaseek/tasks/ppo_stage.py); metrics.jsonl gets reward, score, kl, kl_coef,
 response_length, eos_rate, ppo/entropy, ppo/approx_kl, ppo/clip_fraction, value_loss (+ val_reward)."""
-import sys
-
-from megaseek.distributed.env import quiet_startup, strip_local_rank_arg
-
-sys.argv = strip_local_rank_arg(sys.argv)  # the deepspeed launcher's --local_rank=N must not reach Hydra
-quiet_startup()
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from megaseek.config.launch import refuse_unknown_overrides  # noqa: E402
-
-refuse_unknown_overrides(sys.argv[1:])
-
-
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from megaseek.config.schema import ConfigError
-    from megaseek.data.chat import ChatDataError
-    from megaseek.tasks.ppo_stage import run
-    try:
-        run(cfg)
-    except (ConfigError, ChatDataError) as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
+from megaseek.train.entry import stage_main
 
 if __name__ == "__main__":
-    main()
+    stage_main("megaseek.tasks.ppo_stage:run", __file__)
