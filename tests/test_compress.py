@@ -108,8 +108,9 @@ def test_qat_in_the_loop(trained):
           f"ZeRO-1 vs ZeRO-0 max loss diff {d01:.2e}; prepared vs converted "
           f"{res['both_z0']['summary']['qat_convert_diff']:.2e}")
     # fake quantization rounds: the last-bit differences of the ZeRO-1 reduction can move a weight across a
-    # rounding boundary, so QAT runs agree less tightly than float ones (the sparse runs above: 1e-5)
-    assert len(z0) == len(z1) == STEPS and z0[0] == pytest.approx(z1[0], abs=1e-6) and d01 <= 2e-3
+    # rounding boundary, so QAT runs agree less tightly than float ones (the sparse runs above: 1e-5); observed
+    # 1.15e-3 with foreach AdamW, 2.87e-3 with the fused AdamW (other last bits, other crossings)
+    assert len(z0) == len(z1) == STEPS and z0[0] == pytest.approx(z1[0], abs=1e-6) and d01 <= 4e-3
     assert 1e-4 < dq < 0.1  # the fake quantization acts, and only a little at 4 bits
     for name in ("both_z0", "both_z1"):
         s = res[name]["summary"]
