@@ -150,3 +150,41 @@ def test_dpo_loss_equals_trl(tmp_path, loss_type):
         theirs = float(trainer.compute_loss(trainer.model, batch))
     print(f"[dpo] {loss_type}: ours={ours:.8f} trl={theirs:.8f}")
     assert abs(ours - theirs) < 1e-5 and abs(ours - math.log(2)) > 1e-3
+
+
+def test_label_smoothing_equals_the_closed_form():
+    """dpo.label_smoothing=e on a hand-built batch (two random tiny decoders as policy and reference) equals
+    -(1-e) log s(beta h) - e log s(-beta h), h = (pi_c - pi_r) - (ref_c - ref_r) from per-token log-probs summed
+    over each response by hand in float64; e = 0 is the plain sigmoid loss -log s(beta h)."""
+    from megaseek.data.chat import add_chat_tokens
+    from megaseek.model.decoder import Decoder
+    from tests.posttrain_support import base_tokenizer, model_cfg
+    tok = base_tokenizer()
+    add_chat_tokens(tok)
+    cfg = model_cfg(tok.get_vocab_size())
+    pol, ref = Decoder(cfg, seed=1).eval(), Decoder(cfg, seed=2).eval()
+    b = stack([pair_row(*encode_pair(tok, x), SEQ, ChatIds.of(tok).pad, "t") for x in count_pairs(6, 3)])
+
+    def by_hand(model):  # (b, 2) float64 summed response log-probs of (chosen, rejected)
+        with torch.no_grad():
+            z = model(b["input_ids"], position_ids=b["position_ids"], document_ids=b["document_ids"])
+        lp = torch.log_softmax(z.double(), -1).gather(-1, b["labels"].clamp(min=0)[..., None])[..., 0]
+        keep = b["loss_mask"] & (b["labels"] >= 0)
+        return torch.stack([(lp * (keep & (b["document_ids"] == d))).sum(1) for d in (0, 1)], 1)
+
+    p, r = by_hand(pol), by_hand(ref)
+    h = (p[:, 0] - p[:, 1]) - (r[:, 0] - r[:, 1])  # (b,)
+    assert h.abs().min() > 1e-2  # the two models disagree on every pair: the smoothing term matters
+    b["ref_logps"] = r.float()
+    beta, ls = 0.5, torch.nn.functional.logsigmoid
+    with torch.no_grad():
+        logits = pol(b["input_ids"], position_ids=b["position_ids"], document_ids=b["document_ids"])
+    got = {}
+    for e in (0.0, 0.1, 0.3):
+        parts = DPOObjective(beta=beta, label_smoothing=e)(pol, logits, b)
+        got[e] = parts.loss_sum.double() / parts.count  # the step's loss: mean over the pairs
+        want = (-(1 - e) * ls(beta * h) - e * ls(-beta * h)).mean()
+        print(f"[dpo label_smoothing] e={e}: |ours - closed form| {abs(got[e] - want).item():.1e}")
+        assert abs(got[e] - want) < 1e-6, (e, got[e], want)
+    assert abs(got[0.0] - (-ls(beta * h)).mean()) < 1e-6
+    assert abs(got[0.1] - got[0.0]) > 1e-3  # teeth: the smoothing changes the loss
