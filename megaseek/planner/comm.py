@@ -13,6 +13,13 @@ Data parallel (Psi = w N):  ZeRO-0 all-reduce 2 Psi once per step;  ZeRO-1 reduc
 (2 Psi);  ZeRO-2 reduce-scatter every micro-batch (m Psi) + all-gather Psi;  ZeRO-3 all-gather forward and
 backward and reduce-scatter every micro-batch (3 m Psi).  All times (n-1)/n.
 
+Expert parallel (ep = e > 1, MoE layers): per micro-batch and MoE layer each rank sends its T k assignment
+rows (T = b s tokens, the full sequence on every tensor rank; h values of w bytes each) through 4 all-to-alls:
+dispatch and combine forward, their gradients backward (+2 with full recomputation, which re-runs the
+forward). Logical volume 4 T k h w per layer per micro-batch; on the wire (e-1)/e of it leaves the rank
+(uniform routing; bench/moe.py measures the routed figure). The routed experts' gradients are reduced over the
+expert-data-parallel group (D/e ranks), the other parameters' over D.
+
 Pipeline: each stage boundary sends the (b, s|s/t, h) activation forward and its gradient backward per
 micro-batch.
 """
@@ -33,10 +40,12 @@ class Comm:
     tp_time: float         # seconds per step (ring, preset bandwidth); 0 when the group has one rank
     dp_time: float
     pp_time: float
+    ep_bytes: float = 0.0  # expert-parallel all-to-all (dispatch + combine, forward and backward)
+    ep_time: float = 0.0
 
     @property
     def total_bytes(self) -> float:
-        return self.tp_bytes + self.dp_bytes + self.pp_bytes
+        return self.tp_bytes + self.dp_bytes + self.pp_bytes + self.ep_bytes
 
 
 def tp_allreduces_per_layer(checkpointing: str) -> int:
@@ -47,9 +56,11 @@ def estimate_comm(st: Setup, hw: Hardware) -> Comm:
     m, a, t, D = st.model, st.bytes_per_value, st.tp, st.dp
     mb = st.grad_accum
     act = a * st.micro_batch * st.seq_len * m.hidden_size          # one (b, s, h) tensor
-    stages = stage_params(m, t, st.pp, st.partition)
+    stages = stage_params(m, t, st.pp, st.partition, st.ep)
     layers = max(s.layers for s in stages)
-    N = max(s.params for s in stages)
+    big = max(stages, key=lambda s: s.params)
+    N, Ne = big.params, big.experts
+    De = max(1, D // st.ep)
 
     tp_ops = 0.0
     if t > 1:
@@ -59,10 +70,18 @@ def estimate_comm(st: Setup, hw: Hardware) -> Comm:
         tp_ops = per_mb * mb
     tp_wire = 2 * (t - 1) / t * tp_ops if t > 1 else 0.0
 
-    psi = st.bytes_per_value * N
     factor = {0: 2.0, 1: 2.0, 2: mb + 1.0, 3: 3.0 * mb}[st.zero_stage]
-    dp_ops = factor * psi if D > 1 else 0.0
-    dp_wire = (D - 1) / D * dp_ops if D > 1 else 0.0
+    dense_ops = factor * st.bytes_per_value * (N - Ne) if D > 1 else 0.0
+    expert_ops = factor * st.bytes_per_value * Ne if De > 1 else 0.0
+    dp_ops = dense_ops + expert_ops
+    dp_wire = ((D - 1) / D * dense_ops if D > 1 else 0.0) + ((De - 1) / De * expert_ops if De > 1 else 0.0)
+
+    moe_layers = max(s.moe_layers for s in stages)
+    ep_ops = 0.0
+    if st.ep > 1 and moe_layers:
+        rows = st.micro_batch * st.seq_len * m.num_experts_per_tok  # assignments this rank sends
+        ep_ops = (4 + (2 if st.checkpointing == "full" else 0)) * moe_layers * rows * m.hidden_size * a * mb
+    ep_wire = (st.ep - 1) / st.ep * ep_ops
 
     pp_ops = 2.0 * mb * act / (t if st.sp else 1) if st.pp > 1 else 0.0
 
@@ -72,4 +91,4 @@ def estimate_comm(st: Setup, hw: Hardware) -> Comm:
 
     return Comm(tp_bytes=tp_ops, dp_bytes=dp_ops, pp_bytes=pp_ops,
                 tp_time=secs(tp_wire, t, 1), dp_time=secs(dp_wire, D, t),
-                pp_time=secs(pp_ops, 2, t * D))
+                pp_time=secs(pp_ops, 2, t * D), ep_bytes=ep_ops, ep_time=secs(ep_wire, st.ep, t))

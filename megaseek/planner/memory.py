@@ -1,6 +1,6 @@
 """Memory per GPU (or per CPU rank) of one training step: what this codebase and DeepSpeed allocate.
 
-Notation: N = parameters held by this rank (after tensor and pipeline sharding), D = data-parallel size,
+Notation: N = parameters held by this rank (after tensor, pipeline and expert sharding), D = data-parallel size,
 w = bytes of a model value (4 fp32, 2 bf16/fp16), T = b s tokens of a micro-batch, t = tensor degree.
 
 Model states (resident), DeepSpeed with torch AdamW (fp32 exp_avg + exp_avg_sq):
@@ -12,6 +12,9 @@ Model states (resident), DeepSpeed with torch AdamW (fp32 exp_avg + exp_avg_sq):
     3       w N / D      w N / D     12 N / D
     offload_optimizer moves the optimizer column (and fp32 gradient partition) to host memory;
     offload_param (stage 3) moves the parameter partition too.
+    MoE (parallel.ep = e): a rank holds E/e routed experts per MoE layer (N_e of its N); ZeRO partitions them
+    over the expert-data-parallel group of D/e ranks, the other N - N_e over D: every "/ D" above reads
+    (N - N_e) / D + N_e / (D/e).
 
 Transient on top (the peak is the largest phase, not the sum):
   backward   activations of the micro-batches in flight + the gradient reduce bucket; ZeRO-3 also the
@@ -54,12 +57,43 @@ def kv_heads_local(m: ModelConfig, tp: int) -> int:
     return m.num_kv_heads // tp if m.num_kv_heads >= tp else 1
 
 
-def layer_params(m: ModelConfig, tp: int) -> int:
-    """Parameters of one decoder block on one tensor rank."""
+def is_moe_layer(m: ModelConfig, layer: Optional[int]) -> bool:
+    return m.mlp == "moe" and layer is not None and layer >= m.first_k_dense_replace
+
+
+def attention_params(m: ModelConfig, tp: int) -> int:
+    """Attention weights of one block on one tensor rank. GQA: q, o and (nkv >= t) k, v column/row-parallel.
+    MLA: q_proj (or q_b_proj), kv_b_proj column-parallel and o_proj row-parallel (/t); the down-projections
+    q_a_proj, kv_a_proj_with_mqa and their norms replicated (megaseek/model/mla.py)."""
     h, d = m.hidden_size, m.head_dim
+    if m.attention == "mla":
+        nh, dn, dr, dv, r = m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
+        q = h * nh * (dn + dr) // tp if m.q_lora_rank is None else \
+            h * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * nh * (dn + dr) // tp
+        return q + h * (r + dr) + r + r * nh * (dn + dv) // tp + nh * dv * h // tp
     q_o = 2 * h * m.num_heads * d // tp
     kv = 2 * h * m.num_kv_heads * d // tp if m.num_kv_heads >= tp else 2 * h * m.num_kv_heads * d  # replicated
-    return q_o + kv + 3 * h * m.intermediate_size // tp + 2 * h
+    return q_o + kv
+
+
+def expert_params(m: ModelConfig, tp: int, ep: int = 1, layer: Optional[int] = None) -> int:
+    """Routed-expert weights of layer `layer` on one rank: E / ep experts, each (gate, up, down) sharded over tp."""
+    if not is_moe_layer(m, layer):
+        return 0
+    return m.n_routed_experts // ep * 3 * m.hidden_size * m.moe_intermediate_size // tp
+
+
+def layer_params(m: ModelConfig, tp: int, layer: Optional[int] = None, ep: int = 1) -> int:
+    """Parameters of one decoder block on one tensor (and, for routed experts, expert-parallel) rank. An MoE
+    layer (layer >= first_k_dense_replace): the replicated router (E h), the shared experts (3 h n_s i_moe / t)
+    and E / ep routed experts (expert_params); otherwise the dense SwiGLU (3 h i / t)."""
+    h = m.hidden_size
+    if is_moe_layer(m, layer):
+        mlp = m.n_routed_experts * h + 3 * h * m.n_shared_experts * m.moe_intermediate_size // tp \
+            + expert_params(m, tp, ep, layer)
+    else:
+        mlp = 3 * h * m.intermediate_size // tp
+    return attention_params(m, tp) + mlp + 2 * h
 
 
 def stage_ranges(m: ModelConfig, pp: int, method: str = "parameters") -> list[tuple[int, int]]:
@@ -82,34 +116,39 @@ class StageParams:
     params: int          # on one tensor rank of this stage
     embed: bool
     head: bool
+    experts: int = 0     # of `params`: routed-expert weights (ZeRO shards them over dp / ep, not dp)
+    moe_layers: int = 0
 
 
 _STAGE_CACHE: dict = {}
 
 
-def stage_params(m: ModelConfig, tp: int, pp: int, method: str = "parameters") -> list[StageParams]:
-    key = (astuple(m), tp, pp, method)
+def stage_params(m: ModelConfig, tp: int, pp: int, method: str = "parameters", ep: int = 1) -> list[StageParams]:
+    key = (astuple(m), tp, pp, method, ep)
     if key not in _STAGE_CACHE:
-        _STAGE_CACHE[key] = _stage_params(m, tp, pp, method)
+        _STAGE_CACHE[key] = _stage_params(m, tp, pp, method, ep)
     return _STAGE_CACHE[key]
 
 
-def _stage_params(m: ModelConfig, tp: int, pp: int, method: str) -> list[StageParams]:
+def _stage_params(m: ModelConfig, tp: int, pp: int, method: str, ep: int = 1) -> list[StageParams]:
     vp, h = padded_vocab(m, tp), m.hidden_size
     out = []
     for s, (lo, hi) in enumerate(stage_ranges(m, pp, method)):
         first, last = s == 0, s == pp - 1
-        n = (hi - lo) * layer_params(m, tp)
+        n = sum(layer_params(m, tp, i, ep) for i in range(lo, hi))
+        experts = sum(expert_params(m, tp, ep, i) for i in range(lo, hi))
+        moe = sum(is_moe_layer(m, i) for i in range(lo, hi))
         if first or (last and m.tie_embeddings):
             n += vp * h // tp                      # embedding (or the tied copy on the last stage)
         if last:
             n += h + (0 if m.tie_embeddings else vp * h // tp)  # final norm + LM head
-        out.append(StageParams(s, hi - lo, n, first, last))
+        out.append(StageParams(s, hi - lo, n, first, last, experts, moe))
     return out
 
 
-def layer_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a: int) -> dict:
-    """Saved-for-backward bytes of one decoder block for one micro-batch, by part."""
+def layer_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a: int, moe: bool = False) -> dict:
+    """Saved-for-backward bytes of one decoder block for one micro-batch, by part (`moe`: an MoE block's MLP;
+    an estimate from the layer's saved tensors, not yet checked against a measured run)."""
     T, h, i, d = b * s, m.hidden_size, m.intermediate_size, m.head_dim
     nh_l = m.num_heads // tp
     kv_l = kv_heads_local(m, tp)
@@ -121,6 +160,10 @@ def layer_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a:
     # flash kernel's output), the fp32 logsumexp
     attn = a * T * (2 * nh_l * d + 2 * kv_l * d) + 4 * b * nh_l * s
     mlp = 4 * a * T * i // tp
+    if moe:  # gate, silu, up, product of the T k routed rows and the T shared rows (i_moe / t wide), plus the
+        # sorted assignment rows, the expert outputs and their weighted copy for the combine (3 a T k h)
+        k, im = m.num_experts_per_tok, m.moe_intermediate_size
+        mlp = 4 * a * T * (k + m.n_shared_experts) * im // tp + 3 * a * T * k * h
     block_in = a * T * h // (tp if sp else 1)
     return {"norm": norm, "attn": attn, "mlp": mlp, "block_in": block_in,
             "none": 2 * norm + attn + mlp,
@@ -151,9 +194,12 @@ def activation_bytes(st: Setup, stage: StageParams, cpu: bool = False) -> dict:
     """Peak activation memory of one pipeline stage during backward, with its parts."""
     m, a = st.model, st.bytes_per_value
     per = layer_activation_bytes(m, st.micro_batch, st.seq_len, st.tp, st.sp, a)
+    per_moe = layer_activation_bytes(m, st.micro_batch, st.seq_len, st.tp, st.sp, a, moe=True)
     in_flight = min(st.pp - stage.stage, st.grad_accum) if st.pp > 1 else 1
-    kept = per[st.checkpointing] * stage.layers * in_flight
-    recompute = {"none": 0, "selective": per["attn_sublayer"], "full": per["none"]}[st.checkpointing]
+    dense = stage.layers - stage.moe_layers
+    kept = (per[st.checkpointing] * dense + per_moe[st.checkpointing] * stage.moe_layers) * in_flight
+    big = per_moe if stage.moe_layers else per
+    recompute = {"none": 0, "selective": big["attn_sublayer"], "full": big["none"]}[st.checkpointing]
     head = head_activation_bytes(m, st.micro_batch, st.seq_len, st.tp, st.sp, a, cpu) if stage.head else \
         {"norm": 0, "logits": 0, "logits_saved": 0}
     # the loss workspace exists only at the end of the forward / start of the backward; recompute later
@@ -210,10 +256,18 @@ def model_states(N: float, D: int, w: int, z: int, offload_optimizer: bool = Fal
 
 def _stage_memory(st: Setup, hw: Hardware, sp_: StageParams, runtime: float) -> Memory:
     N, D, w, z = sp_.params, st.dp, st.bytes_per_value, st.zero_stage
+    De = max(1, D // st.ep)  # the expert-data-parallel group
+    Nd, Ne = N - sp_.experts, sp_.experts
     touched = not hw.is_gpu  # on CPU an empty bucket costs only the pages written (RSS); on GPU all of it
     bucket = lambda elems: min(elems, N) * w if touched else elems * w  # noqa: E731
 
-    ms = model_states(N, D, w, z, st.offload_optimizer, st.offload_param)
+    # routed experts: ZeRO partitions them over the expert-data-parallel group (dp / ep ranks holding the same
+    # experts), the rest over dp
+    ms = model_states(Nd, D, w, z, st.offload_optimizer, st.offload_param)
+    if Ne:
+        me = model_states(Ne, De, w, z, st.offload_optimizer, st.offload_param)
+        ms = {k: ms[k] + me[k] for k in ms}
+    part = Nd / D + Ne / De  # this rank's ZeRO partition (elements)
     params, grads, opt, host = ms["parameters"], ms["gradients"], ms["optimizer"], ms["host"]
 
     act = activation_bytes(st, sp_, cpu=touched)
@@ -232,8 +286,8 @@ def _stage_memory(st: Setup, hw: Hardware, sp_: StageParams, runtime: float) -> 
     elif z == 0:
         step_ws = (4 * N if w < 4 else 0) + 4 * N - (grads if w < 4 else 0)  # fp32 grads + foreach temp
     else:
-        flat = 3 * w * N / D + (4 * N / D if w < 4 else 0)   # own grads + averaged partition + flat copy
-        step_ws = max(flat, 8 * N / D) - grads                # then fp32 grad + AdamW foreach temporary
+        flat = 3 * w * part + (4 * part if w < 4 else 0)     # own grads + averaged partition + flat copy
+        step_ws = max(flat, 8 * part) - grads                # then fp32 grad + AdamW foreach temporary
         if z == 3:
             step_ws += bucket(st.reduce_bucket_size)          # ZeRO-3 keeps its reduce bucket allocated
     # megaseek.ckpt (state.iter_full_state) gathers the full fp32 weights and both Adam moments of the
@@ -254,5 +308,5 @@ def _stage_memory(st: Setup, hw: Hardware, sp_: StageParams, runtime: float) -> 
 def estimate_memory(st: Setup, hw: Hardware, runtime_bytes: Optional[float] = None) -> Memory:
     """The peak over pipeline stages (every tensor/data rank of a stage holds the same amount)."""
     runtime = hw.runtime_gb * 1e9 if runtime_bytes is None else float(runtime_bytes)
-    stages = stage_params(st.model, st.tp, st.pp, st.partition)
+    stages = stage_params(st.model, st.tp, st.pp, st.partition, st.ep)
     return max((_stage_memory(st, hw, s, runtime) for s in stages), key=lambda mem: mem.peak)

@@ -47,6 +47,15 @@ def layout_problems(st: Setup, world_size: int) -> list[str]:
         out.append("offload_param needs zero.stage=3")
     if st.offload_optimizer and st.zero_stage == 0:
         out.append("offload_optimizer needs zero.stage >= 1")
+    if st.ep > 1:
+        if m.mlp != "moe":
+            out.append(f"parallel.ep={st.ep} needs an MoE model (model.mlp=moe)")
+        elif m.n_routed_experts % st.ep:
+            out.append(f"parallel.ep={st.ep} does not divide model.n_routed_experts={m.n_routed_experts}")
+        if st.dp % st.ep:
+            out.append(f"parallel.ep={st.ep} does not divide the data-parallel size {st.dp}")
+        if st.zero_stage not in (1, 2) or st.offload_optimizer or st.offload_param:
+            out.append(f"parallel.ep={st.ep} runs with zero.stage 1 or 2 without offload (DeepSpeed's MoE)")
     return out
 
 

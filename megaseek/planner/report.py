@@ -31,6 +31,7 @@ def describe(plan: Plan, title: str = "plan") -> str:
         f"     parameters   {gb(mem.parameters)}",
         f"     gradients    {gb(mem.gradients)}",
         f"     optimizer    {gb(mem.optimizer)}   (fp32 master + Adam m, v; ZeRO-{st.zero_stage} over dp={st.dp}"
+        + (f", routed experts over dp/ep={st.dp // st.ep}" if st.ep > 1 else "") +
         f"{', offloaded' if st.offload_optimizer else ''})",
         f"     activations  {gb(mem.activations)}   ({act['layers']} layers x {act['in_flight']} micro-batch(es) x "
         f"{act['per_layer'] / 1e6:.1f} MB, ckpt={st.checkpointing}, sp={'on' if st.sp else 'off'}; "
@@ -48,7 +49,8 @@ def describe(plan: Plan, title: str = "plan") -> str:
                  f"Adam moments of the stage), {per_node / 1e9:.0f} GB per node"
                  + (f"  WARNING: more than the node's {hw.host_memory_gb:.0f} GB" if warn else ""))
     lines.append(f"   communication per step per GPU: tensor {_num(comm.tp_bytes)}B, data {_num(comm.dp_bytes)}B, "
-                 f"pipeline {_num(comm.pp_bytes)}B")
+                 f"pipeline {_num(comm.pp_bytes)}B" + (f", expert all-to-all {_num(comm.ep_bytes)}B (ep={st.ep})"
+                                                       if st.ep > 1 else ""))
     if t is not None:
         lines.append(f"   pipeline bubble {t.bubble * 100:.1f}%   step {t.step_s:.3f} s (compute {t.compute_s:.3f}, "
                      f"exposed comm {t.comm_exposed_s:.3f}, optimizer {t.optimizer_s:.3f})")

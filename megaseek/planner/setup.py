@@ -28,6 +28,7 @@ class Setup:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    ep: int = 1                        # expert-parallel degree, carved out of dp (parallel.ep)
     micro_batch: int = 1
     global_batch: int = 1
     seq_len: int = 128
@@ -69,7 +70,7 @@ class Setup:
             off.append("opt->cpu")
         if self.offload_param:
             off.append("param->cpu")
-        return (f"tp={self.tp} pp={self.pp} dp={self.dp} zero={self.zero_stage}{'(' + ','.join(off) + ')' if off else ''}"
+        return (f"tp={self.tp} pp={self.pp} dp={self.dp}{f' ep={self.ep}' if self.ep > 1 else ''} zero={self.zero_stage}{'(' + ','.join(off) + ')' if off else ''}"
                 f" mb={self.micro_batch} accum={self.grad_accum} sp={'on' if self.sp else 'off'}"
                 f" ckpt={self.checkpointing} {self.precision}")
 
@@ -78,7 +79,7 @@ class Setup:
         model = ModelConfig.from_dict(dict(_get(cfg, "model")))
         tp, pp = int(_get(cfg, "parallel.tp", 1)), int(_get(cfg, "parallel.pp", 1))
         dp = max(1, world_size // max(1, tp * pp))
-        return cls(model=model, tp=tp, pp=pp, dp=dp,
+        return cls(model=model, tp=tp, pp=pp, dp=dp, ep=int(_get(cfg, "parallel.ep", 1) or 1),
                    micro_batch=int(_get(cfg, "train.micro_batch_size", 1)),
                    global_batch=int(_get(cfg, "train.global_batch_size", 1)),
                    seq_len=int(_get(cfg, "train.seq_len", model.max_seq_len)),

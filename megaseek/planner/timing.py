@@ -47,11 +47,12 @@ def estimate_time(st: Setup, hw: Hardware, comm: Comm, peak_flops: Optional[floa
     tokens_mb = st.micro_batch * st.seq_len
     t_mb = f["hardware"] * tokens_mb / (st.tp * st.pp) / (peak * hw.compute_efficiency)
     slots = m + st.pp - 1
-    pipeline = slots * (t_mb + (comm.tp_time + comm.pp_time) / m)
+    pipeline = slots * (t_mb + (comm.tp_time + comm.pp_time + comm.ep_time) / m)
     bubble = (st.pp - 1) / slots
     backward = 2.0 / 3.0 * t_mb * m
     dp_exposed = max(0.0, comm.dp_time - backward) if st.overlap_comm else comm.dp_time
-    n_local = max(s.params for s in stage_params(st.model, st.tp, st.pp, st.partition)) / st.dp
+    n_local = max(s.params - s.experts + s.experts * st.ep for s in
+                  stage_params(st.model, st.tp, st.pp, st.partition, st.ep)) / st.dp  # ZeRO partition
     if st.offload_optimizer:
         opt = 2 * st.bytes_per_value * n_local / PCIE_BPS + 16 * n_local / HOST_ADAM_BPS
     else:
@@ -61,6 +62,6 @@ def estimate_time(st: Setup, hw: Hardware, comm: Comm, peak_flops: Optional[floa
     tokens = st.global_batch * st.seq_len / step
     world_peak = st.world_size * peak
     return Timing(step_s=step, compute_s=slots * t_mb, bubble=bubble,
-                  comm_exposed_s=slots * (comm.tp_time + comm.pp_time) / m + dp_exposed, optimizer_s=opt,
+                  comm_exposed_s=slots * (comm.tp_time + comm.pp_time + comm.ep_time) / m + dp_exposed, optimizer_s=opt,
                   tokens_per_s=tokens, mfu=f["model"] * tokens / world_peak, hfu=f["hardware"] * tokens / world_peak,
                   peak_flops=peak)
