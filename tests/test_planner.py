@@ -96,9 +96,12 @@ def test_gpt3_175b_against_published_figures():
 def test_activation_bytes_by_hand():
     """h 1024, i 2816, 16 heads of 64, 4 kv heads; b 2, s 512 (T = 1024); bf16 (a = 2); tensor degree 2."""
     m = ModelConfig(name="t", vocab_size=32000, hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=4,
-                    intermediate_size=2816, max_seq_len=512)
+                    intermediate_size=2816, max_seq_len=512, fused=False)
     T, h, i = 1024, 1024, 2816
     got = layer_activation_bytes(m, 2, 512, 2, False, 2)
+    # model.fused: v is a view of the qkv output, which stays saved whole: + (8 q + 2 kv heads) x 64 per token
+    fused = layer_activation_bytes(replace(m, fused=True), 2, 512, 2, False, 2)
+    assert fused["attn"] - got["attn"] == 2 * T * (512 + 128)
     norm = (4 + 2 * 2) * T * h + 4 * T                       # fp32 input copy + x/rms + scaled output, rms
     attn = 2 * T * (2 * 512 + 2 * 128) + 4 * 2 * 8 * 512       # q, out (8 heads x 64), k, v (2 kv heads), lse
     mlp = 4 * 2 * T * i // 2

@@ -159,6 +159,9 @@ def layer_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a:
     # q, k, v (after RoPE), the attention output (its (b, s, h/t) reshape for o_proj is a view of the
     # flash kernel's output), the fp32 logsumexp
     attn = a * T * (2 * nh_l * d + 2 * kv_l * d) + 4 * b * nh_l * s
+    if m.attention == "gqa" and getattr(m, "fused", False) and m.num_kv_heads >= tp:
+        # model.fused: v is a view of the one qkv GEMM output, so its whole (nh + 2 kv) d storage stays saved
+        attn += a * T * (nh_l + kv_l) * d
     mlp = 4 * a * T * i // tp
     if moe:  # gate, silu, up, product of the T k routed rows and the T shared rows (i_moe / t wide), plus the
         # sorted assignment rows, the expert outputs and their weighted copy for the combine (3 a T k h)
