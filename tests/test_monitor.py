@@ -267,3 +267,29 @@ def test_a_rollback_keeps_every_sink_consistent(tmp_path, wandb_env):
     (run,) = wandb_run(tmp_path)  # wandb keeps its first values and goes on from the next new step
     assert [(h["_step"], h["train/loss"]) for h in run["history"] if "train/loss" in h] == [
         (1, 5.0), (2, 5.0), (3, 5.0), (4, 5.0)]
+
+
+def test_moe_layer_statistics_are_one_labelled_prometheus_family():
+    """`moe/L<layer>/<stat>` keys (ExpertBalance) export as megaseek_moe_layer{layer, stat}, beside the eval-score
+    family, so the dashboard aggregates by layer; TensorBoard/wandb tags keep the key."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from megaseek.monitor.prometheus_sink import _LatestCollector
+    from megaseek.monitor.schema import tag
+    c = _LatestCollector(0, {"run": "r"})
+    c.latest = {"step": 3, "moe/L1/max_load": 1.5, "moe/L2/max_load": 2.25, "moe/L1/dropped": 0.125,
+                "moe/L2/aux_loss": 0.01, "moe/max_load": 2.25, "eval/t/acc": 0.3}
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(c)
+    got = {(s.name, s.labels.get("layer"), s.labels.get("stat"), s.labels.get("task")): s.value
+           for fam in text_string_to_metric_families(generate_latest(reg).decode()) for s in fam.samples}
+    assert got[("megaseek_moe_layer", "1", "max_load", None)] == 1.5
+    assert got[("megaseek_moe_layer", "2", "max_load", None)] == 2.25
+    assert got[("megaseek_moe_layer", "1", "dropped", None)] == 0.125
+    assert got[("megaseek_moe_layer", "2", "aux_loss", None)] == 0.01
+    assert got[("megaseek_moe_max_load", None, None, None)] == 2.25
+    assert got[("megaseek_eval_score", None, None, "t")] == 0.3
+    assert not any(n.startswith("megaseek_moe_L") for n, *_ in got)  # no family per layer
+    assert tag("moe/L1/max_load") == "moe/L1/max_load" and {"megaseek_moe_layer", "megaseek_moe_max_load"} <= \
+        dashboard_metric_names()

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from megaseek.monitor.schema import NOT_SCALARS, PROM_PREFIX, metric, numeric, task_metric
+from megaseek.monitor.schema import NOT_SCALARS, PROM_PREFIX, labelled, metric, numeric
 
 
 class _LatestCollector(Collector):
@@ -44,24 +44,24 @@ class _LatestCollector(Collector):
                                   labels=labels)
             g.add_metric([self.rank], self.stamp)
             yield g
-        scores = None  # downstream scores: one family, labelled by task and metric
+        families = {}  # labelled families (downstream scores by task/metric, MoE statistics by layer/stat)
         for key, value in latest.items():
             x = numeric(value)
             if x is None or key in NOT_SCALARS:
                 continue
             m = metric(key)
-            tm = task_metric(key)
-            if tm is not None:
-                if scores is None:
-                    scores = GaugeMetricFamily(PROM_PREFIX + m.prom, m.help, labels=labels + ["task", "metric"])
-                scores.add_metric([self.rank, *tm], x * m.scale)
+            lab = labelled(key)
+            if lab is not None:
+                _, names, values = lab
+                if m.prom not in families:
+                    families[m.prom] = GaugeMetricFamily(PROM_PREFIX + m.prom, m.help, labels=labels + names)
+                families[m.prom].add_metric([self.rank, *values], x * m.scale)
                 continue
             cls = CounterMetricFamily if m.kind == "counter" else GaugeMetricFamily
             fam = cls(PROM_PREFIX + m.prom, m.help, labels=labels)
             fam.add_metric([self.rank], x * m.scale)
             yield fam
-        if scores is not None:
-            yield scores
+        yield from families.values()
 
 
 class PrometheusSink:

@@ -16,6 +16,10 @@ PROM_PREFIX = "megaseek_"
 # Prometheus family with the task and metric as labels (megaseek_eval_score{task=..., metric=...}).
 TASK_KEY = "eval/<task>/<metric>"
 _TASK_RE = re.compile(r"^eval/([^/]+)/([^/]+)$")
+# Per-MoE-layer statistics `moe/L<layer>/<stat>` (megaseek/model/moe/balance.py): one family, labelled by layer
+# and stat (megaseek_moe_layer{layer="1", stat="max_load"}).
+MOE_KEY = "moe/L<layer>/<stat>"
+_MOE_RE = re.compile(r"^moe/L(\d+)/(max_load|dropped|aux_loss)$")
 NOT_SCALARS = frozenset({"step", "time"})  # the x axis and the wall-clock stamp: not plotted as metrics
 
 
@@ -55,6 +59,10 @@ _ROWS = [
            "eval_decode_token_p95_seconds", scale=1e-3),
     Metric("eval/latency_prompt_tokens", "eval", "prompt length of the latency measurement", "eval_latency_prompt_tokens"),
     Metric("eval/latency_new_tokens", "eval", "tokens decoded in the latency measurement", "eval_latency_new_tokens"),
+    # mixture of experts (mlp=moe): per layer at every log step, over the global batch
+    Metric(MOE_KEY, "moe", "per MoE layer (labels: layer, stat): max_load = max/mean expert load (1 = balanced), "
+           "dropped = fraction of assignments over capacity, aux_loss = mean balance loss", "moe_layer"),
+    Metric("moe/max_load", "moe", "max over MoE layers of the max/mean expert load (1 = balanced)", "moe_max_load"),
     # throughput and utilization
     Metric("tokens_per_s", "perf", "global training throughput (tokens/s)", "tokens_per_second"),
     Metric("tokens_per_s_per_rank", "perf", "throughput per rank (tokens/s)", "tokens_per_second_per_rank"),
@@ -113,8 +121,19 @@ def task_metric(key: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
+def labelled(key: str) -> tuple[Metric, list, list] | None:
+    """(catalogue row, label names, label values) of a key that belongs to a labelled family (downstream
+    scores, per-MoE-layer statistics), else None."""
+    if (tm := task_metric(key)) is not None:
+        return CATALOG[TASK_KEY], ["task", "metric"], list(tm)
+    if (mm := _MOE_RE.match(key)) is not None:
+        return CATALOG[MOE_KEY], ["layer", "stat"], [mm.group(1), mm.group(2)]
+    return None
+
+
 def metric(key: str) -> Metric:
-    m = CATALOG.get(key) or (CATALOG[TASK_KEY] if task_metric(key) else None)
+    lab = labelled(key)
+    m = CATALOG.get(key) or (lab[0] if lab else None)
     if m is None:
         m = Metric(key, "other", f"record key {key}", re.sub(r"[^a-zA-Z0-9_]", "_", key))
     return m

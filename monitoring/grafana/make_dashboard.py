@@ -56,6 +56,13 @@ ts("Task scores", [(f'avg by (task, metric) (megaseek_eval_score{{job=~"$job", m
    desc="lm-eval scores on the live model at eval steps (step 0: the untrained baseline; 0.25 = chance on 4 choices).")
 ts("Inference latency, batch 1 (KV cache)", [(f"avg(megaseek_eval_time_to_first_token_p50_seconds{JOB})", "TTFT p50"), (f"avg(megaseek_eval_time_to_first_token_p95_seconds{JOB})", "TTFT p95"), (f"avg(megaseek_eval_decode_token_p50_seconds{JOB})", "decode/token p50"), (f"avg(megaseek_eval_decode_token_p95_seconds{JOB})", "decode/token p95")], unit="s")
 ts("Evaluation time", [(f"max(megaseek_eval_seconds{JOB})", "eval seconds")], unit="s", desc="Wall time of the evaluation at an eval step; not counted in tokens/s.")
+newrow("Mixture of experts (model.mlp=moe)")
+ts("Expert load max/mean per layer", [(f'avg by (layer) (megaseek_moe_layer{{job=~"$job", stat="max_load"}})', "layer {{layer}}"), (f"max(megaseek_moe_max_load{JOB})", "max over layers")],
+   desc="1 = every expert gets the same share of the global batch's assignments; the aux-loss-free bias pulls it toward 1.")
+ts("Dropped assignments", [(f'avg by (layer) (megaseek_moe_layer{{job=~"$job", stat="dropped"}})', "layer {{layer}}")], unit="percentunit",
+   desc="Fraction of token-to-expert assignments over the capacity (model.capacity_factor); 0 when dropless.")
+ts("Balance loss", [(f'avg by (layer) (megaseek_moe_layer{{job=~"$job", stat="aux_loss"}})', "layer {{layer}}")],
+   desc="Mean sequence-wise / batch balance loss per layer (model.balance=seq_aux | aux).")
 newrow("Throughput and utilization")
 ts("Tokens/s (global)", [(f"avg(megaseek_tokens_per_second{JOB})", "reported"), (f"sum(rate(megaseek_tokens_total{{job=~\"$job\", rank=\"0\"}}[1m]))", "from the token counter (1m)")])
 ts("Tokens/s per rank", [(f"megaseek_tokens_per_second_per_rank{SEL}", "rank {{rank}}")])
