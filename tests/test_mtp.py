@@ -97,6 +97,33 @@ def test_last_stage_without_token_ids_reads_them_from_the_labels():
     assert float(losses[0]) > 1.0 and torch.equal(losses[0], losses[1])
 
 
+def test_loss_mask_masks_the_mtp_targets_and_refusals():
+    """An SFT row learns its assistant tokens only: the MTP targets follow `loss_mask` (a masked target moves no
+    number); objectives other than next-token ones, sequence parallelism and a too-short sequence are refused."""
+    from megaseek.model.mtp import check_mtp, mtp_targets
+    b = _batch()
+    mask = torch.ones_like(b["labels"], dtype=torch.bool)
+    mask[0, :4] = False  # e.g. the prompt of an SFT example
+    _, tgt = mtp_targets(b["input_ids"], b["labels"], b["document_ids"], 1, mask)
+    _, plain = mtp_targets(b["input_ids"], b["labels"], b["document_ids"], 1)
+    assert (tgt[0, :3] == -100).all() and torch.equal(tgt[1], plain[1]) and torch.equal(tgt[0, 3:], plain[0, 3:])
+    torch.manual_seed(0)
+    model = Decoder(_cfg()).train()
+    totals = []
+    for batch in (dict(b, loss_mask=mask), dict(b, loss_mask=mask, labels=b["labels"].clone().index_put_(
+            (torch.tensor([0]), torch.tensor([1])), torch.tensor([5])))):  # change a masked target: same loss
+        model(b["input_ids"], b["position_ids"], b["document_ids"])
+        totals.append(take_mtp_loss(model, batch)[1])
+    assert torch.equal(totals[0], totals[1])
+    cfg = _cfg()
+    assert check_mtp(cfg, 12, False, "pretrain") is None and check_mtp(cfg, 12, False, "sft") is None
+    assert "not dpo" in check_mtp(cfg, 12, False, "dpo")
+    assert "sequence_parallel" in check_mtp(cfg, 12, True, "pretrain")
+    assert "train.seq_len >= mtp_depth + 2" in check_mtp(cfg, 2, False, "pretrain")
+    assert check_mtp(ModelConfig(**{**cfg.to_dict(), "mtp_depth": 0}), 2, True,
+                     "dpo") is None
+
+
 def test_counts_include_the_mtp_module_and_bad_depth_is_refused():
     from megaseek.model.flops import param_counts
     cfg = _cfg()

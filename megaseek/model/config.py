@@ -93,7 +93,8 @@ class ModelConfig:
                   "max_seq_len"):
             if getattr(self, k) < 1:
                 bad(f"model.{k} must be >= 1, got {getattr(self, k)}")
-        if not 0 <= self.mtp_depth < self.max_seq_len - 1 or self.mtp_loss_weight < 0:
+        if not (isinstance(self.mtp_depth, int) and 0 <= self.mtp_depth < self.max_seq_len - 1) or \
+                not self.mtp_loss_weight >= 0:  # (NaN fails too)
             bad(f"model.mtp_depth={self.mtp_depth} must be in [0, model.max_seq_len - 2] and "
                 f"model.mtp_loss_weight={self.mtp_loss_weight} >= 0")
         if self.attention == "mla":

@@ -22,7 +22,8 @@ Block_k's MLP is the dense SwiGLU of `intermediate_size` (DeepSeek-V3 uses an Mo
 outside the main stack would need its own expert-parallel names in checkpoints). Its weights are drawn from
 the seed of layer `num_layers + k - 1`, so every layout builds the same full weights. With pp > 1 the last
 stage keeps a copy of the embedding whose gradient is summed with the first stage's (engine/stage.py), as for
-tied embeddings. Sequence parallelism is refused (the hidden states would be split along the sequence).
+tied embeddings. Sequence parallelism is refused (the hidden states would be split along the sequence), and
+so are objectives other than next-token ones (pretrain, sft): `check_mtp`, before any work.
 """
 from __future__ import annotations
 
@@ -38,6 +39,24 @@ from megaseek.model.layers import RMSNorm, rope_at
 from megaseek.tensor_parallel.layers import TPContext, mask_padded_logits, master_normal
 
 
+MTP_OBJECTIVES = ("pretrain", "sft")
+
+
+def check_mtp(cfg, seq_len: int, sequence_parallel: bool, objective: str) -> Optional[str]:
+    """The one message refusing multi-token prediction for this run, or None when it can run."""
+    if not cfg.mtp_depth:
+        return None
+    if objective not in MTP_OBJECTIVES:
+        return (f"model.mtp_depth={cfg.mtp_depth}: multi-token prediction trains next-token objectives only "
+                f"({', '.join(MTP_OBJECTIVES)}), not {objective}; set model.mtp_depth=0 for this stage")
+    if sequence_parallel:
+        return (f"model.mtp_depth={cfg.mtp_depth} with parallel.sequence_parallel=true: the MTP modules need whole "
+                f"sequences; set one of them off")
+    if cfg.mtp_depth > seq_len - 2:
+        return f"model.mtp_depth={cfg.mtp_depth} needs train.seq_len >= mtp_depth + 2 (got {seq_len})"
+    return None
+
+
 class MTPModule(nn.Module):
     """One depth k: the two norms, the projection W_k, one block and the norm before the shared head."""
 
@@ -47,7 +66,7 @@ class MTPModule(nn.Module):
         layer = cfg.num_layers + k - 1
         self.hnorm = RMSNorm(h, cfg.norm_eps, ctx)
         self.enorm = RMSNorm(h, cfg.norm_eps, ctx)
-        self.eh_proj = nn.Parameter(master_normal((h, 2 * h), cfg.init_std, seed + 1000 * (layer + 1) + 11))
+        self.eh_proj = nn.Parameter(master_normal((h, 2 * h), cfg.init_std, seed + 1000 * (layer + 1) + 21))  # unused offset
         dense = dataclasses.replace(cfg, mlp="swiglu")
         self.block = block_cls(dense, ctx, layer, seed, rng)
         self.norm = RMSNorm(h, cfg.norm_eps, ctx)
@@ -59,14 +78,17 @@ class MTPModule(nn.Module):
 
 
 def mtp_targets(input_ids: Optional[torch.Tensor], labels: torch.Tensor, document_ids: Optional[torch.Tensor],
-                k: int):
+                k: int, loss_mask: Optional[torch.Tensor] = None):
     """For depth k over n = s - k positions: input tokens (b, n), targets (b, n) with -100 where invalid.
     Without `input_ids` (the last stage of a pipeline gets labels only) the input t_{i+k} is labels[:, i+k-1]:
     exact for pretraining windows, where every label is the next token; a position whose input label is masked
-    is then not counted (its token is unknown there)."""
+    is then not counted (its token is unknown there). `loss_mask` (b, s), where the batch has one, masks targets
+    as it masks the main loss (an SFT row learns its assistant tokens only)."""
     n = labels.shape[1] - k
     tgt = labels[:, k:k + n]  # t_{i+k+1}
     valid = tgt >= 0
+    if loss_mask is not None:
+        valid &= loss_mask[:, k:k + n].bool()
     if input_ids is not None:
         inp = input_ids[:, k:k + n]  # t_{i+k}
     else:
@@ -86,11 +108,12 @@ def mtp_token_losses(model, hidden: torch.Tensor, batch: dict) -> list[torch.Ten
     ids = batch["input_ids"].to(hidden.device) if "input_ids" in batch else None
     docs = batch.get("document_ids")
     pos = batch.get("position_ids")
+    mask = batch["loss_mask"].to(hidden.device) if batch.get("loss_mask") is not None else None
     s = labels.shape[1]
     out, h_prev = [], hidden
     for k, mod in enumerate(model.mtp, start=1):
         n = s - k
-        inp, tgt = mtp_targets(ids, labels, docs, k)
+        inp, tgt = mtp_targets(ids, labels, docs, k, mask)
         d = docs[:, :n].to(hidden.device) if docs is not None else None
         mask = attention_mask(d, d, 0) if d is not None else None  # (b, 1, n, n), or causal by default
         cos, sin = rope_at(model.rope_cos, model.rope_sin, n, pos[:, :n].to(hidden.device) if pos is not None else None)

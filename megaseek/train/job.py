@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from megaseek.config.schema import validate
+from megaseek.config.schema import ConfigError, validate
 from megaseek.distributed.env import DistEnv, init_distributed, log0, select_accelerator, world_size_from_env
 from megaseek.distributed.groups import ParallelGroups
 from megaseek.distributed.topology import Topology
@@ -148,6 +148,10 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
     if run.model.fused and (qat_spec(run.train) is not None or run.train.sparsity != "none"):
         import dataclasses  # fake quantization and 2:4 masks act per projection (q, k, v, gate, up): unfused
         run.model = dataclasses.replace(run.model, fused=False)
+    from megaseek.model.mtp import check_mtp
+    if (why := check_mtp(run.model, layout.seq_len, layout.sequence_parallel,
+                         getattr(objective, "name", "pretrain"))) is not None:
+        raise ConfigError(why)  # multi-token prediction where it cannot run, before any work
     from megaseek.train.eval_tasks import DownstreamEval, check_eval_tasks
     check_eval_tasks(run.train)  # unknown task names fail before any model is built
     from megaseek.planner.preflight import preflight
