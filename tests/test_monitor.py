@@ -268,6 +268,17 @@ def test_a_rollback_keeps_every_sink_consistent(tmp_path, wandb_env):
     assert [(h["_step"], h["train/loss"]) for h in run["history"] if "train/loss" in h] == [
         (1, 5.0), (2, 5.0), (3, 5.0), (4, 5.0)]
 
+    # wandb-core flushes the file from its own process after finish(): a file cut mid-record (what a reader
+    # can see under load) reads as the records before the cut, never as a protobuf error
+    from megaseek.monitor.readers import wandb_records
+    data = next(run["dir"].glob("run-*.wandb")).read_bytes()
+    full = [r.WhichOneof("record_type") for r in wandb_records(next(run["dir"].glob("run-*.wandb")))]
+    assert full[-1] == "exit"
+    for cut in (len(data) - 3, len(data) // 2):
+        (tmp_path / "cut.wandb").write_bytes(data[:cut])
+        got = [r.WhichOneof("record_type") for r in wandb_records(tmp_path / "cut.wandb")]
+        assert 0 < len(got) < len(full) and got == full[:len(got)]
+
 
 def test_moe_layer_statistics_are_one_labelled_prometheus_family():
     """`moe/L<layer>/<stat>` keys (ExpertBalance) export as megaseek_moe_layer{layer, stat}, beside the eval-score
