@@ -237,7 +237,8 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
         callbacks.append(QATConvert(engine.module, run.model, qat_spec(run.train), run_dir, data.tokenizer_path,
                                     denv.rank, log0))
     if run.model.mlp == "moe":  # expert loads, the bias update and MoE metrics, before Metrics reads the record
-        callbacks.insert(callbacks.index(metrics), C.ExpertBalance(engine.module, groups.dp.group))
+        callbacks.insert(callbacks.index(metrics), C.ExpertBalance(engine.module, groups.dp.group,
+                                                                         groups.pp.group))
     trainer = Trainer(runner, data.train, state, run.train.steps, callbacks, log=log0)
     faults.install(trainer, manager, denv.rank, log0)
     return Job(trainer=trainer, engine=engine, stage=stage, groups=groups, layout=layout, run=run, run_dir=run_dir,
