@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from megaseek.model import rope
+
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _MTP = re.compile(r"^mtp\.(\d+)\.(.+)$")
 
@@ -116,7 +118,7 @@ class DenseAdapter:
                 "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
                 "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
                 "rope_theta": cfg.rope_theta,
-                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                "rope_parameters": rope.to_hf(cfg),
                 "tie_word_embeddings": bool(cfg.tie_embeddings), "attention_bias": False, "mlp_bias": False,
                 "attention_dropout": 0.0, "initializer_range": cfg.init_std, "pretraining_tp": 1,
                 "use_cache": True, "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
@@ -165,7 +167,7 @@ class DenseAdapter:
         """LlamaForCausalLM config.json -> our model keys; one ValueError naming the key we cannot represent."""
         theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
         _refuse_hf(hf, {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu"})
-        _refuse_rope_scaling(hf)
+        scaling = rope.from_hf(hf)  # {} for plain RoPE; YaRN keys; other types refused
         heads = hf["num_attention_heads"]
         if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
             raise ValueError(f"config.json: head_dim={hf['head_dim']} != hidden_size / num_attention_heads "
@@ -175,7 +177,7 @@ class DenseAdapter:
                 "intermediate_size": hf["intermediate_size"], "max_seq_len": hf.get("max_position_embeddings", 2048),
                 "rope_theta": float(theta), "norm_eps": hf.get("rms_norm_eps", 1e-6),
                 "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-                "init_std": hf.get("initializer_range", 0.02), "attention": "gqa", "mlp": "swiglu"}
+                "init_std": hf.get("initializer_range", 0.02), "attention": "gqa", "mlp": "swiglu", **scaling}
 
 
 def _refuse_hf(hf: dict, want: dict) -> None:
@@ -184,12 +186,6 @@ def _refuse_hf(hf: dict, want: dict) -> None:
             raise ValueError(f"config.json: {k}={hf[k]!r} is not supported (megaseek needs {k}={v!r})")
 
 
-def _refuse_rope_scaling(hf: dict) -> None:
-    rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    t = rp.get("rope_type", rp.get("type", "default"))
-    if t not in (None, "default"):
-        raise ValueError(f"config.json: rope scaling {t!r} is not supported (megaseek has plain RoPE); "
-                         f"import a model without rope_parameters.rope_type={t}")
 
 
 class DeepseekV3Adapter(DenseAdapter):
@@ -351,7 +347,7 @@ class DeepseekV3Adapter(DenseAdapter):
              "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
              "v_head_dim": cfg.v_head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
              "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+             "rope_parameters": rope.to_hf(cfg),
              "rope_interleave": bool(rope_interleave), "tie_word_embeddings": bool(cfg.tie_embeddings),
              "attention_bias": False, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
              "num_nextn_predict_layers": int(getattr(cfg, "mtp_depth", 0)), "use_cache": True,
@@ -370,7 +366,7 @@ class DeepseekV3Adapter(DenseAdapter):
         """DeepseekV3ForCausalLM config.json -> our model keys (MoE layers need model.mlp=moe)."""
         theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
         _refuse_hf(hf, {"attention_bias": False, "hidden_act": "silu"})
-        _refuse_rope_scaling(hf)
+        scaling = rope.from_hf(hf)  # {} for plain RoPE; YaRN keys; other types refused
         heads, L = hf["num_attention_heads"], hf["num_hidden_layers"]
         out = {"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"], "num_layers": L, "num_heads": heads,
                "num_kv_heads": heads, "intermediate_size": hf["intermediate_size"],
@@ -379,7 +375,7 @@ class DeepseekV3Adapter(DenseAdapter):
                "init_std": hf.get("initializer_range", 0.02), "attention": "mla", "mlp": "swiglu",
                "q_lora_rank": hf.get("q_lora_rank"), "kv_lora_rank": hf["kv_lora_rank"],
                "qk_nope_head_dim": hf["qk_nope_head_dim"], "qk_rope_head_dim": hf["qk_rope_head_dim"],
-               "v_head_dim": hf["v_head_dim"]}
+               "v_head_dim": hf["v_head_dim"], **scaling}
         if hf.get("first_k_dense_replace", 0) < L:
             out.update(mlp="moe", first_k_dense_replace=hf.get("first_k_dense_replace", 0),
                        n_routed_experts=hf["n_routed_experts"], n_shared_experts=hf.get("n_shared_experts", 0) or 0,
