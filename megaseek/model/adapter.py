@@ -272,16 +272,33 @@ class DeepseekV3Adapter(DenseAdapter):
         if not m:
             return {v: k for k, v in self.TOP.items()}.get(hf)
         L, rest = int(m.group(1)), m.group(2)
-        if L >= self.cfg.num_layers:  # MTP modules (model.layers.{num_layers + k}): not held by this model
-            return None
+        if L >= self.cfg.num_layers:  # MTP depth L - num_layers (None when this model holds no such depth)
+            return self._mtp_from_hf(L - self.cfg.num_layers, rest)
+        sub = self._block_from_hf(rest)
+        return f"layers.{L}.{sub}" if sub else None
+
+    def _block_from_hf(self, rest: str) -> Optional[str]:
+        """A decoder layer's HF name after `model.layers.{i}.` -> ours after `layers.{i}.`."""
         inv = {v: k for k, v in self.NORMS.items()}
         if rest in inv:
-            return f"layers.{L}.{inv[rest]}"
+            return inv[rest]
         if rest.startswith("self_attn.") and rest.split(".")[1] in self.ATTN:
-            return f"layers.{L}.attn.{rest[10:]}"
+            return f"attn.{rest[10:]}"
         if rest.startswith("mlp."):
-            return f"layers.{L}.{rest}"
+            return rest
         return None
+
+    def _mtp_from_hf(self, d: int, rest: str) -> Optional[str]:
+        """DeepSeek's MTP layer `model.layers.{num_layers + d}.<rest>` -> mtp.{d}.*; its copies of the embedding
+        and head (embed_tokens, shared_head.head) are the main model's, shared, so not held twice."""
+        if d >= getattr(self.cfg, "mtp_depth", 0) or rest in ("embed_tokens.weight", "shared_head.head.weight"):
+            return None
+        own = {"eh_proj.weight": "eh_proj", "enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
+               "shared_head.norm.weight": "norm.weight"}
+        if rest in own:
+            return f"mtp.{d}.{own[rest]}"
+        sub = self._block_from_hf(rest)
+        return f"mtp.{d}.block.{sub}" if sub else None
 
     # --- the RoPE row layout ---
     def _rope_rows(self, name: str):
@@ -375,7 +392,7 @@ class DeepseekV3Adapter(DenseAdapter):
                "init_std": hf.get("initializer_range", 0.02), "attention": "mla", "mlp": "swiglu",
                "q_lora_rank": hf.get("q_lora_rank"), "kv_lora_rank": hf["kv_lora_rank"],
                "qk_nope_head_dim": hf["qk_nope_head_dim"], "qk_rope_head_dim": hf["qk_rope_head_dim"],
-               "v_head_dim": hf["v_head_dim"], **scaling}
+               "v_head_dim": hf["v_head_dim"], "mtp_depth": int(hf.get("num_nextn_predict_layers") or 0), **scaling}
         if hf.get("first_k_dense_replace", 0) < L:
             out.update(mlp="moe", first_k_dense_replace=hf.get("first_k_dense_replace", 0),
                        n_routed_experts=hf["n_routed_experts"], n_shared_experts=hf.get("n_shared_experts", 0) or 0,
