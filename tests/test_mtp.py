@@ -181,3 +181,24 @@ def test_mtp_checkpoint_exports_to_hf(tmp_path, data_root):
             assert not mtp_keys and not any("mtp" in k for k in keys)
         with torch.no_grad():
             assert float((m.eval()(IDS)[..., :1001] - hf.eval()(IDS).logits).abs().max()) < 1e-4, kind
+
+
+MOE_MTP = MTP + ["model.mlp=moe", "model.n_routed_experts=8", "model.num_experts_per_tok=2",
+                 "model.moe_intermediate_size=32", "model.bias_update_rate=0.01", "zero.stage=1"]
+
+
+@pytest.mark.slow
+def test_moe_mtp_block_at_ep2_and_pp2_equals_one_process(data_root, tmp_path):
+    """model.mlp=moe: the MTP block is an MoE block (DeepSeek-V3), layer 2 here. Its experts are expert-parallel
+    at ep=2 and on the last stage at pp=2; loss, mtp_loss and its load metric equal one process (1e-4), and its
+    load moves its aux-loss-free bias like any MoE layer's."""
+    base = run_world(1, _train, [(str(tmp_path / "one"), MOE_MTP)], str(data_root))[0][str(tmp_path / "one")]
+    runs = {"ep2": MOE_MTP + ["parallel.ep=2"], "pp2": MOE_MTP + ["parallel.pp=2"]}
+    res = run_world(2, _train, [(str(tmp_path / k), v) for k, v in runs.items()], str(data_root))[0]
+    assert len(base) == 5 and all("moe/L2/max_load" in r and "moe/L1/max_load" in r for r in base)
+    assert base[-1]["pretrain/mtp_loss"] < base[0]["pretrain/mtp_loss"]
+    for k in runs:
+        got = res[str(tmp_path / k)]
+        for a, w in zip(got, base):
+            for key in ("loss", "pretrain/mtp_loss", "moe/L2/max_load", "moe/L0/max_load"):
+                assert abs(a[key] - w[key]) < 1e-4, (k, key, a[key], w[key])

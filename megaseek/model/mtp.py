@@ -18,16 +18,17 @@ divided, like every loss term, by the global count of the objective's units (the
 reported as the metric `mtp_loss` (the unweighted (1 / D) sum_k sum_i CE, so divided by that count it is the
 mean depth loss per main token).
 
-Block_k's MLP is the dense SwiGLU of `intermediate_size` (DeepSeek-V3 uses an MoE block here; an MoE layer
-outside the main stack would need its own expert-parallel names in checkpoints). Its weights are drawn from
-the seed of layer `num_layers + k - 1`, so every layout builds the same full weights. With pp > 1 the last
+Block_k is the block of layer `num_layers + k - 1`: with model.mlp=moe an MoE block (DeepSeek-V3's MTP module:
+shared + routed experts, its own router and correction bias, expert-parallel like the main stack's, named
+mtp.{k-1}.block.mlp.experts.{e}.* in checkpoints; its loads move its bias and appear as moe/L{num_layers+k-1}),
+otherwise the dense SwiGLU. Its weights are drawn from the seed of that layer, so every layout builds the same
+full weights. With pp > 1 the last
 stage keeps a copy of the embedding whose gradient is summed with the first stage's (engine/stage.py), as for
 tied embeddings. Sequence parallelism is refused (the hidden states would be split along the sequence), and
 so are objectives other than next-token ones (pretrain, sft): `check_mtp`, before any work.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -60,15 +61,14 @@ def check_mtp(cfg, seq_len: int, sequence_parallel: bool, objective: str) -> Opt
 class MTPModule(nn.Module):
     """One depth k: the two norms, the projection W_k, one block and the norm before the shared head."""
 
-    def __init__(self, cfg, ctx: TPContext, k: int, seed: int, rng, block_cls):
+    def __init__(self, cfg, ctx: TPContext, k: int, seed: int, rng, block_cls, ep=None):
         super().__init__()
         h = cfg.hidden_size
         layer = cfg.num_layers + k - 1
         self.hnorm = RMSNorm(h, cfg.norm_eps, ctx)
         self.enorm = RMSNorm(h, cfg.norm_eps, ctx)
         self.eh_proj = nn.Parameter(master_normal((h, 2 * h), cfg.init_std, seed + 1000 * (layer + 1) + 21))  # unused offset
-        dense = dataclasses.replace(cfg, mlp="swiglu")
-        self.block = block_cls(dense, ctx, layer, seed, rng)
+        self.block = block_cls(cfg, ctx, layer, seed, rng, ep=ep)  # MoE when mlp=moe (layer >= first_k_dense_replace)
         self.norm = RMSNorm(h, cfg.norm_eps, ctx)
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos, sin, mask) -> torch.Tensor:

@@ -72,11 +72,9 @@ METHODS = ("parameters", "cost", "uniform")
 
 def layer_weights(cfg: ModelConfig, method: str) -> tuple[list[float], float, float]:
     """(weight of each layer, first stage's extra, last stage's extra) for `parameters` or `cost`."""
-    import dataclasses
-
     from megaseek.model.spec import attention_cls, layer_params
     h, V, D = cfg.hidden_size, cfg.vocab_size, cfg.mtp_depth
-    mtp_block = layer_params(dataclasses.replace(cfg, mlp="swiglu"), cfg.num_layers) if D else None
+    mtp_block = layer_params(cfg, cfg.num_layers) if D else None  # an MoE block with mlp=moe
     if method == "parameters":
         weights = [float(layer_params(cfg, i)["total"]) for i in range(cfg.num_layers)]
         last = V * h + h  # LM head (or the tied copy) + final norm
@@ -87,7 +85,7 @@ def layer_weights(cfg: ModelConfig, method: str) -> tuple[list[float], float, fl
     weights = [float(6 * layer_params(cfg, i)["active_matmul"] + score) for i in range(cfg.num_layers)]
     last = 6 * V * h
     if D:
-        last += D * (6 * (mtp_block["matmul"] + 2 * h * h) + score + 6 * V * h)
+        last += D * (6 * (mtp_block["active_matmul"] + 2 * h * h) + score + 6 * V * h)
     return weights, 0.0, float(last)
 
 

@@ -104,15 +104,15 @@ def stage_ranges(m: ModelConfig, pp: int, method: str = "parameters") -> list[tu
     return partition(m, pp, method)
 
 
-def mtp_params(m: ModelConfig, tp: int, pp: int) -> int:
-    """Multi-token prediction on the last stage, per tensor rank (megaseek/model/mtp.py): per depth a dense
-    block (3 h i / t SwiGLU), W_k (h, 2h) replicated, 3 norms; with pp > 1 (and no tied copy already there)
-    the stage also keeps a copy of the vocab-parallel embedding for the depths' input tokens."""
+def mtp_params(m: ModelConfig, tp: int, pp: int, ep: int = 1) -> int:
+    """Multi-token prediction on the last stage, per tensor rank (megaseek/model/mtp.py): per depth the block
+    of layer num_layers + k - 1 (MoE with mlp=moe: E/ep routed experts; else the dense SwiGLU), W_k (h, 2h)
+    replicated, 3 norms; with pp > 1 (and no tied copy already there) the stage also keeps a copy of the
+    vocab-parallel embedding for the depths' input tokens."""
     if not m.mtp_depth:
         return 0
-    import dataclasses
     h = m.hidden_size
-    block = layer_params(dataclasses.replace(m, mlp="swiglu"), tp)
+    block = layer_params(m, tp, m.num_layers, ep)
     emb = padded_vocab(m, tp) * h // tp if pp > 1 and not m.tie_embeddings else 0
     return m.mtp_depth * (block + 2 * h * h + 3 * h) + emb
 
@@ -131,6 +131,7 @@ class StageParams:
     head: bool
     experts: int = 0     # of `params`: routed-expert weights (ZeRO shards them over dp / ep, not dp)
     moe_layers: int = 0
+    mtp_moe: int = 0     # MoE MTP blocks on this (the last) stage: their own all-to-alls, never recomputed
 
 
 _STAGE_CACHE: dict = {}
@@ -155,8 +156,10 @@ def _stage_params(m: ModelConfig, tp: int, pp: int, method: str, ep: int = 1) ->
             n += vp * h // tp                      # embedding (or the tied copy on the last stage)
         if last:
             n += h + (0 if m.tie_embeddings else vp * h // tp)  # final norm + LM head
-            n += mtp_params(m, tp, pp)
-        out.append(StageParams(s, hi - lo, n, first, last, experts, moe))
+            n += mtp_params(m, tp, pp, ep)
+            experts += m.mtp_depth * expert_params(m, tp, ep, m.num_layers)
+        mtp_moe = m.mtp_depth if last and is_moe_layer(m, m.num_layers) else 0
+        out.append(StageParams(s, hi - lo, n, first, last, experts, moe, mtp_moe))
     return out
 
 
@@ -222,7 +225,8 @@ def activation_bytes(st: Setup, stage: StageParams, cpu: bool = False) -> dict:
     if stage.head and m.mtp_depth:  # per depth, kept until backward: its dense block (never recomputed), the
         # normed hidden and embedded inputs and their (T, 2h) concatenation, its loss's fp32 log-softmax
         T, h = st.micro_batch * st.seq_len, m.hidden_size
-        kept += m.mtp_depth * (per["none"] + 4 * a * T * h + head["logits_saved"]) * in_flight
+        blk = per_moe if is_moe_layer(m, m.num_layers) else per
+        kept += m.mtp_depth * (blk["none"] + 4 * a * T * h + head["logits_saved"]) * in_flight
     # the loss workspace exists only at the end of the forward / start of the backward; recompute later
     total = kept + max(head["norm"] + head["logits"], recompute)
     return {"per_layer": per[st.checkpointing], "layers": stage.layers, "in_flight": in_flight,
