@@ -162,6 +162,7 @@ class PPOConfig:
     missing_eos_penalty: float = 0.0
     temperature: float = 1.0
     max_new_tokens: int = 16
+    keep_rollouts: int = 2           # newest rollouts kept in run_dir/rollouts (a resume needs its own); 0: all
 
 
 SCHEMAS = {"train": TrainConfig, "parallel": ParallelConfig, "zero": ZeroConfig, "optimizer": OptimizerConfig,
