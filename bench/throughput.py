@@ -81,18 +81,18 @@ def make_steps(cfg: ModelConfig, ids: torch.Tensor, labels: torch.Tensor, compil
 
 
 def abab(step_o, step_h, steps: int, warmup: int = 2) -> tuple[float, float]:
+    """Median step time of each, the two alternating; the order flips every step (AB BA AB ..) so that neither
+    always runs first (after the other's allocations, on a warm or cold cache)."""
     for _ in range(warmup):  # warm-up (and compilation) of both
         step_o()
         step_h()
-    to, th = [], []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step_o()
-        to.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        step_h()
-        th.append(time.perf_counter() - t)
-    return statistics.median(to), statistics.median(th)
+    times = {step_o: [], step_h: []}
+    for i in range(steps):
+        for f in ((step_o, step_h) if i % 2 == 0 else (step_h, step_o)):
+            t = time.perf_counter()
+            f()
+            times[f].append(time.perf_counter() - t)
+    return statistics.median(times[step_o]), statistics.median(times[step_h])
 
 
 CLASSES = (("communication", ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "c10d", "gloo", "nccl")),
@@ -148,7 +148,8 @@ def main():
     torch.set_num_threads(a.threads)
     peak = measure_matmul_peak(seconds=1.0)
     print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s, {a.threads} threads, fp32, median of "
-          f"{a.steps} ABAB steps after 2 warm-up steps")
+          f"{a.steps} ABAB steps after 2 warm-up steps; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
     rows = []
     for name in a.models.split(","):
         cfg = load_cfg(name)
@@ -168,7 +169,7 @@ def main():
             rows.append(r)
             print(f"{name:5s} {r['params'] / 1e6:7.2f}M b{batch}x{a.seq} {mode:8s}: megaseek {r['ours']:8.0f} tok/s "
                   f"(MFU {r['mfu_o']:5.1%})  HF {r['hf']:8.0f} tok/s (MFU {r['mfu_h']:5.1%})  "
-                  f"ratio {r['ours'] / r['hf']:.3f}", flush=True)
+                  f"ratio {r['ours'] / r['hf']:.3f}  (load {os.getloadavg()[0]:.1f})", flush=True)
     print("| model | mode | megaseek tokens/s | HF Llama tokens/s | ratio | MFU megaseek | MFU HF |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
