@@ -3,14 +3,16 @@ at one process, with ZeRO-3 on 2 data-parallel ranks and with tp=2 samples ident
 rollout (sampling keyed on seed, rollout and global sample index, never on the layout) and gives the same
 losses: within 1e-5 (ZeRO-3) and 1e-4 (tp=2).
 
-What "identical tokens" rests on (measured on this run, one process vs the others, checkpoints at tp=1): the
-layouts differ only by float rounding (losses 1e-8 apart, the same minibatch order), but Adam amplifies the
-rounding of gradient elements near 0 (|g| ~ eps = 1e-8: the update lr g / (|g| + eps) is then sensitive), so
-after step 1 four of 112,704 tp=2 parameters differ by > 1e-6 (max 5.6e-6; ZeRO-3: max 8.5e-7) and the logits
-by up to 3.6e-5 (ZeRO-3 3.8e-6). A token then differs only if its uniform draw lands between the two layouts'
-CDF boundaries: per draw P <= sum_v |F_v - F'_v|, summed over the run's 189 draws 2.4e-3 (tp=2) and 4.4e-4
-(ZeRO-3); the nearest draw sits 2.2e-6 from a boundary. The test is deterministic (fixed seeds), so it passes
-or fails for a given code version; a change that moves the rounding re-rolls that ~0.3% chance of a flip."""
+What "identical tokens" rests on (measured on this run, one process vs the others, checkpoints read at tp=1):
+the layouts differ only by float rounding (losses 2e-8 apart, the same minibatch order; a tp=2 rerun is bitwise
+equal), but Adam amplifies the rounding of gradient elements near 0 (|g| ~ eps = 1e-8, where the update
+lr g / (|g| + eps) is sensitive): after step 1 four of 112,704 tp=2 parameters differ by > 1e-6 (max 6.2e-6;
+ZeRO-3 2.4e-6), and the logits by up to 7.6e-6 (ZeRO-3 3.8e-6). A token then differs only if its uniform
+draw lands between the two layouts' CDF boundaries: per draw P <= sum_v |F_v - F'_v|, summed over the 187 draws
+of rollouts 1-2 6.4e-4 (tp=2) and 1.7e-4 (ZeRO-3); the nearest draw sits 8.6e-5 from a boundary. No sampler
+removes this (any map from perturbed logits to a token flips with probability O(perturbation); rounding the
+log-probs to a grid only moves the boundaries), so the test is deterministic (fixed seeds) and passes or fails
+for a given code version; a change that moves the rounding re-rolls a chance of about 1e-3 of one flip."""
 import pytest
 import torch
 
