@@ -103,6 +103,8 @@ def test_partition_by_parameters_and_by_active_cost():
                                      max_seq_len=64, vocab_size=100, mtp_depth=1))
     assert layer_weights(mtp, "parameters")[2] == last + moe + 2 * h + 2 * h * h + 3 * h + 100 * h
     assert layer_weights(mtp, "cost")[2] == clast + 6 * (active_moe + 2 * h * h) + score + 6 * 100 * h
+    tied = ModelConfig.from_dict(dict(mtp.to_dict(), tie_embeddings=True))  # MTP reads the head's tied copy
+    assert layer_weights(tied, "parameters")[2] == last + moe + 2 * h + 2 * h * h + 3 * h
     with pytest.raises(ValueError, match="parallel.partition='flops'"):
         partition(m, 2, "flops")
 

@@ -79,7 +79,8 @@ def layer_weights(cfg: ModelConfig, method: str) -> tuple[list[float], float, fl
         weights = [float(layer_params(cfg, i)["total"]) for i in range(cfg.num_layers)]
         last = V * h + h  # LM head (or the tied copy) + final norm
         if D:
-            last += D * (mtp_block["total"] + 2 * h * h + 3 * h) + V * h  # + the embedding copy MTP reads
+            last += D * (mtp_block["total"] + 2 * h * h + 3 * h)
+            last += 0 if cfg.tie_embeddings else V * h  # the embedding copy MTP reads (tied: the head's copy)
         return weights, float(V * h), float(last)
     score = 3 * attention_cls(cfg).score_flops(cfg, cfg.max_seq_len)
     weights = [float(6 * layer_params(cfg, i)["active_matmul"] + score) for i in range(cfg.num_layers)]
