@@ -128,7 +128,7 @@ def test_planner_counts_mtp_like_the_built_last_stage(pp):
     got = activation_bytes(st, stages[-1])
     T, a = 32, 4
     # an MoE model's MTP block is MoE (layer 3 >= first_k_dense_replace = 1)
-    per_depth = layer_activation_bytes(m, 2, 16, 1, False, a, moe=True)["none"] + 4 * a * T * 64 + 4 * T * 1000
+    per_depth = layer_activation_bytes(m, 2, 16, 1, False, a, moe=True)["none"] + 4 * a * T * 64 + (4 * 1000 + 14) * T
     assert got["layers_total"] - base["layers_total"] == 2 * per_depth
 
 

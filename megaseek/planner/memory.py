@@ -179,7 +179,11 @@ def layer_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a:
     if m.attention == "gqa" and getattr(m, "fused", False) and m.num_kv_heads >= tp:
         # model.fused: v is a view of the one qkv GEMM output, so its whole (nh + 2 kv) d storage stays saved
         attn += a * T * (nh_l + kv_l) * d
-    mlp = 4 * a * T * i // tp
+    # gate and up outputs, silu(gate), the product (saved by down_proj); model.fused (dense gqa + swiglu) keeps
+    # the one gate/up GEMM output (2 i), a contiguous copy of its gate half and silu(gate) (layers.py
+    # _SwiGLUInterleaved), plus the product
+    from megaseek.model.layers import fused_dense
+    mlp = (5 if fused_dense(m) else 4) * a * T * i // tp
     if moe:  # gate, silu, up, product of the T k routed rows and the T shared rows (i_moe / t wide), plus the
         # sorted assignment rows, the expert outputs and their weighted copy for the combine (3 a T k h)
         k, im = m.num_experts_per_tok, m.moe_intermediate_size
@@ -193,21 +197,18 @@ def layer_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a:
 
 
 def head_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a: int, cpu: bool = False) -> dict:
-    """Final norm and loss of the last stage: the saved fp32 log-softmax / softmax, and the workspace at the
-    loss's peak, in bytes per local logit:
-      tp > 1 (vocab-parallel CE): logits (a) + shifted, exp and softmax in fp32 (12)        = 12 + a
-      tp = 1 (F.cross_entropy):   backward holds the log-softmax, the NLL gradient and the log-softmax
-                                  gradient (12); on CPU the NLL gradient is a zero-filled allocation
-                                  whose pages are never written (calloc), so forward's logits + fp32
-                                  copy + log-softmax (8 + a, or 8 for fp32) set the peak."""
+    """Final norm and loss of the last stage (megaseek/tensor_parallel/cross_entropy.py, every tp): the saved
+    fp32 exp(z - max), and the workspace at the loss's peak, in bytes per local logit: the logits (a) and one
+    fp32 tensor (the shifted copy, exponentiated in place, turned into the gradient in place by backward;
+    in fp32 the logits are read, not copied) = 4 + a; the gradient's cast back to a 16-bit dtype (a) comes
+    once the logits are freed. (`cpu` is kept for callers; the loss allocates the same on every device.)"""
     T = b * s
     norm = layer_activation_bytes(m, b, s, tp, sp, a)["norm"]
     v_local = padded_vocab(m, tp) // tp
-    if tp > 1:
-        per_logit = 12 + a
-    else:
-        per_logit = (8 + (a if a < 4 else 0)) if cpu else 12
-    return {"norm": norm, "logits_saved": 4 * T * v_local, "logits": per_logit * T * v_local}
+    per_logit = 4 + a
+    # the cross-entropy saves exp(z - max) (fp32, T V/p) and per token its sum (4), the local target (8) and two
+    # masks (1 + 1) (tensor_parallel/cross_entropy.py)
+    return {"norm": norm, "logits_saved": 4 * T * v_local + 14 * T, "logits": per_logit * T * v_local}
 
 
 def activation_bytes(st: Setup, stage: StageParams, cpu: bool = False) -> dict:
