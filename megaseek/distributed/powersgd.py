@@ -29,16 +29,16 @@ that changes P's basis, not its span, so P^ P^^T and the result are the same.
 
 Measured (bench/powersgd_job.py: the default tiny model, 7.15M parameters, dp=2, seq 128, global batch 16,
 AdamW, clip 1.0, 300 steps on the default corpus, rank 4): loss (mean of the last 20 steps) against the
-uncompressed run 1.060 with 20 warm-up steps, 1.041 with 60, 1.027 with 100 (error feedback off: see the
-bench). The gap is the compression itself, not one tensor or a bug of the reduction: at the plain run's final
-weights the best rank-4 approximation keeps 24-81% of a matrix's mean-gradient energy (the embedding 30%), and
-reducing the embedding whole only moves 1.060 to 1.053. Error feedback delivers the rest later, in bursts, and
-Adam's per-coordinate 1/sqrt(v) damps bursts, consistent with momentum SGD (the paper's optimizer) losing
-less: bench/powersgd.py's small model, 20 warm-up steps, 1.021 with error feedback under SGD vs 1.034 under
-AdamW (1.051 vs 1.110 without). The gap opens over the first ~80 compressed steps and then holds, and it is
-smaller the later compression starts, so the warm-up (torch's advice: >= 10% of the run and >= the
-learning-rate warm-up, more until the accuracy is there) is the knob: on this 300-step run 100 steps (1/3)
-reach the 3% target.
+uncompressed run 1.060 with 20 warm-up steps, 1.041 with 60, 1.027 with 100 (error feedback off: 1.100 with
+60, 1.068 with 100); bytes per compressed step 0.0185 of the plain run's (theory 0.0185). The gap is the
+compression itself, not one tensor or a bug of the reduction: at the plain run's final weights the best rank-4
+approximation keeps 24-81% of a matrix's mean-gradient energy (the embedding 30%), and reducing the embedding
+whole only moves 1.060 to 1.053. Error feedback delivers the rest later, in bursts, and Adam's per-coordinate
+1/sqrt(v) damps bursts, consistent with momentum SGD (the paper's optimizer) losing less: bench/powersgd.py's
+small model, 20 warm-up steps, 1.021 with error feedback under SGD vs 1.034 under AdamW (1.051 vs 1.110
+without). The gap opens over the first ~80 compressed steps and then holds, and it is smaller the later
+compression starts, so the warm-up (torch's advice: >= 10% of the run and >= the learning-rate warm-up, more
+until the accuracy is there) is the knob: on this 300-step run 100 steps (1/3) reach the 3% target.
 
 In the training job (`parallel.powersgd.rank` > 0, zero.stage=0) the step runner turns DeepSpeed's backward
 all-reduce off and calls `reduce(dp_gradients(module))` over the data-parallel group after the last
