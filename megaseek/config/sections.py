@@ -63,7 +63,7 @@ class PowerSGDSection:
     """PowerSGD compression of the data-parallel gradient reduction (megaseek/distributed/powersgd.py), at
     zero.stage=0 only. Each matrix gradient (n, m) moves (n + m) * rank numbers instead of n * m."""
     rank: int = 0                    # 0: off (DeepSpeed's plain all-reduce)
-    warmup_steps: int = 10           # the first optimizer steps all-reduce everything (restart on resume)
+    warmup_steps: int = 10           # the first optimizer steps all-reduce everything (state checkpointed)
     error_feedback: bool = True      # carry what the compression dropped into the next step
 
 
