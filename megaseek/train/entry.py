@@ -21,6 +21,16 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), name)
 
 
+def _close_process_group() -> None:
+    """Tear the process group down after a finished stage, on every rank: left to interpreter exit, gloo's
+    C++ threads are sometimes still joinable when their objects are destroyed, and the rank dies with
+    "terminate called without an active exception" (exit -6) after its work is done."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def stage_main(target: str, script: str) -> None:
     """Run `target` (e.g. "megaseek.tasks.sft:run") under Hydra as the entry point of `script` (its __file__)."""
     from megaseek.distributed.env import quiet_startup, strip_local_rank_arg
@@ -41,6 +51,7 @@ def stage_main(target: str, script: str) -> None:
         except (ConfigError, ChatDataError) as e:
             print(f"config error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
+        _close_process_group()
 
     # Hydra names the job after the task function's module when it is not __main__ (detect_task_name).
     main.__module__ = Path(script).stem
