@@ -36,10 +36,17 @@ def _snapshot(job) -> dict:
     differs per data-parallel rank (so the all-to-all carries distinct tokens)."""
     from megaseek.ckpt.state import KEYS, _local_full, canonical_name, relink_hp_optimizer_state
     from megaseek.model.moe.balance import moe_layers
+    from megaseek.model.moe.experts import per_expert_local
     engine, module = job.engine, job.engine.module
     relink_hp_optimizer_state(engine)
-    params = {canonical_name(module, n): torch.stack([_local_full(engine, p, k) for k in KEYS])
-              for n, p in module.named_parameters()}
+    params = {}
+    for n, p in module.named_parameters():
+        t = torch.stack([_local_full(engine, p, k) for k in KEYS])  # (3, *p.shape)
+        if getattr(p, "expert_parts", None) is not None:  # grouped experts: this rank's, per expert
+            per = [per_expert_local(canonical_name(module, n), p, t[i]) for i in range(len(KEYS))]
+            params.update({e: torch.stack([d[e] for d in per]) for e in per[0]})
+        else:
+            params[canonical_name(module, n)] = t
     bias = torch.stack([m.gate.e_score_correction_bias.clone() for m in moe_layers(module)])
     ids = torch.randint(0, 1001, (2, 16), generator=torch.Generator().manual_seed(5 + job.groups.dp.rank))
     module.eval()
