@@ -154,7 +154,7 @@ def _gather_tp(t: torch.Tensor, p, tp) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def _grouped_expert_state(engine, p, cname: str, model, groups) -> Iterator[tuple[str, dict]]:
+def _grouped_expert_state(engine, p, cname: str, groups) -> Iterator[tuple[str, dict]]:
     """A grouped expert parameter (megaseek/model/moe/experts.py: (E_l, rows/tp, cols) for this rank's E_l
     experts) -> (canonical per-expert name, full tensors) of its parts for every expert of the layer: one
     all-gather over tp (each part's shards concatenated along its tensor dim), then one over ep (rank r holds
@@ -201,7 +201,7 @@ def iter_full_state(engine, model, groups, skip=()) -> Iterator[tuple[str, dict]
         if id(p) in skip_ids:
             continue
         if getattr(p, "expert_parts", None) is not None:  # grouped routed experts: per-expert names and tensors
-            yield from _grouped_expert_state(engine, p, canonical_name(model, name), model, groups)
+            yield from _grouped_expert_state(engine, p, canonical_name(model, name), groups)
             continue
         full = {}
         for key in KEYS:  # ZeRO gathers over dp (experts: over the expert-data-parallel group), then tp
