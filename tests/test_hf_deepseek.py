@@ -342,3 +342,54 @@ def test_gqa_moe_checkpoint_loads_and_export_is_refused(tmp_path, data_root):
     with pytest.raises(ValueError, match="model.attention=gqa with model.mlp=moe"):
         export_hf(tmp_path / "ckpt", tmp_path / "hf")
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+
+
+def test_mtp_weights_export_and_import_both_ways(tmp_path, data_root, capsys):
+    """An MLA + MoE model with model.mtp_depth=1: export -> import is bitwise with the MTP depth (mtp.0.*, read
+    back from model.layers.{num_layers}) and the same MTP loss; the directory transformers saves from it
+    (DeepseekV3ForCausalLM holds no MTP layer) imports without MTP, said once and kept in the state; an MTP
+    layer with MoE experts (DeepSeek-V3's) is left out the same way."""
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+
+    from megaseek.ckpt.hf import export_hf, import_hf, load_weights, model_config
+    from megaseek.model.mtp import mtp_token_losses
+    kw = dict(mlp="moe", first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
+              moe_intermediate_size=32, mtp_depth=1)
+    m = _checkpoint(tmp_path / "ckpt", data_root, **kw)
+    out = export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    raw = load_file(str(out / "model.safetensors"))
+    assert "model.layers.2.eh_proj.weight" in raw and "model.layers.2.mlp.gate_proj.weight" in raw
+    import_hf(out, tmp_path / "back")
+    a, b = load_weights(tmp_path / "ckpt"), load_weights(tmp_path / "back")
+    assert any(k.startswith("mtp.0.") for k in a)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert model_config(tmp_path / "back").mtp_depth == 1
+    from megaseek.ckpt.hf import model_at
+    back, _ = model_at(tmp_path / "back")
+    batch = {"input_ids": IDS[:, :-1], "labels": IDS[:, 1:]}
+    losses = []
+    for model in (m, back):  # the training forward keeps the hidden states MTP reads
+        model.train()
+        model(batch["input_ids"])
+        losses.append(mtp_token_losses(model, model._mtp_hidden, batch)[0].sum().detach())
+    assert torch.equal(losses[0], losses[1]) and losses[0] > 0
+    # transformers' own save of the export: no MTP layer in the weights, num_nextn_predict_layers=1 in config.json
+    _hf(out).save_pretrained(str(tmp_path / "hf_saved"))
+    assert _json.loads((tmp_path / "hf_saved" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    capsys.readouterr()
+    import_hf(tmp_path / "hf_saved", tmp_path / "no_mtp")
+    assert "imported without multi-token prediction" in capsys.readouterr().out
+    assert model_config(tmp_path / "no_mtp").mtp_depth == 0
+    assert "does not save them" in _json.loads((tmp_path / "no_mtp" / "state.json").read_text())["mtp_dropped"]
+    c = load_weights(tmp_path / "no_mtp")
+    assert not any(k.startswith("mtp.") for k in c) and all(torch.equal(a[k], c[k]) for k in c)
+    # an MoE MTP layer (as DeepSeek-V3 releases it): left out with its reason
+    moe_mtp = dict(raw, **{f"model.layers.2.mlp.experts.{e}.gate_proj.weight": torch.zeros(32, 64) for e in range(8)})
+    (tmp_path / "hf_moe_mtp").mkdir()
+    save_file(moe_mtp, str(tmp_path / "hf_moe_mtp" / "model.safetensors"))
+    (tmp_path / "hf_moe_mtp" / "config.json").write_text((out / "config.json").read_text())
+    import_hf(tmp_path / "hf_moe_mtp", tmp_path / "moe_mtp")
+    assert "MTP layers have MoE MLPs" in capsys.readouterr().out
+    assert model_config(tmp_path / "moe_mtp").mtp_depth == 0

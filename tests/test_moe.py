@@ -304,3 +304,29 @@ def test_moe_config_refusals():
                        (dict(first_k_dense_replace=3, num_layers=2), "first_k_dense_replace=3")):
         with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("[", r"\[")):
             moe_cfg(**kw)
+
+
+def _stage_metrics(rank, world):
+    """Rank r plays pipeline stage r, holding MoE layer r; one routed micro-batch each."""
+    import torch.distributed as dist
+
+    from megaseek.distributed.spawn import init_gloo
+    from megaseek.train.callbacks import ExpertBalance
+    init_gloo(rank, world)
+    layer = MoELayer(moe_cfg(n_group=1, topk_group=1), TPContext(), seed=11 + rank, out_std=0.1, layer=rank)
+    random_bias(layer, seed=rank)
+    layer(torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(rank)))
+    out = {}
+    ExpertBalance(torch.nn.ModuleList([layer]), None, dist.group.WORLD).on_step_end(None, out)
+    return out, float(layer.last_load.max() / layer.last_load.mean())
+
+
+def test_expert_metrics_cover_every_pipeline_stage():
+    """With pp > 1 each stage holds its own MoE layers; ExpertBalance gathers the per-layer metrics over the
+    pipeline group, so rank 0 (which writes the sinks) reports every layer and moe/max_load over the model."""
+    from megaseek.distributed.spawn import run_world
+    (out0, own0), (out1, own1) = run_world(2, _stage_metrics, timeout=120)
+    assert out0 == out1
+    assert out0["moe/L0/max_load"] == pytest.approx(own0, rel=1e-12)
+    assert out0["moe/L1/max_load"] == pytest.approx(own1, rel=1e-12)
+    assert own0 != own1 and out0["moe/max_load"] == max(own0, own1)

@@ -72,3 +72,88 @@ def test_ep_layout_refusals():
     dense = ModelConfig.from_dict(dict(MOE, mlp="swiglu"))
     assert any("needs an MoE model" in p for p in make_plan(
         Setup(model=dense, dp=2, ep=2, zero_stage=1, global_batch=2), hw).problems)
+
+
+def test_partition_by_parameters_and_by_active_cost():
+    """`parameters` weighs each layer by its own count (dense first layers differ from MoE ones); `cost` by its
+    active training FLOPs, so many-expert layers that compute little do not push layers off their stage."""
+    from megaseek.pipeline.partition import layer_weights, partition
+    # layers 0-1 dense (i 512), layers 2-5 MoE: 32 experts of i 32, top-1, no shared expert
+    m = ModelConfig.from_dict(dict(MOE, num_layers=6, first_k_dense_replace=2, intermediate_size=512,
+                                   n_routed_experts=32, num_experts_per_tok=1, n_shared_experts=0,
+                                   max_seq_len=64, vocab_size=100))
+    h = 64
+    attn = 2 * h * h + 2 * h * 32        # q, o (4 heads x 16) + k, v (2 kv heads x 16)
+    dense, moe = attn + 3 * h * 512, attn + 32 * h + 32 * 3 * h * 32
+    w, first, last = layer_weights(m, "parameters")
+    assert w == [dense + 2 * h] * 2 + [moe + 2 * h] * 4 and (first, last) == (100 * h, 100 * h + h)
+    score = 3 * 4 * 64 * 4 * 16          # 3 x QK^T and AV FLOPs per token at s = max_seq_len
+    c, cfirst, clast = layer_weights(m, "cost")
+    active_moe = attn + 32 * h + 3 * h * 32
+    assert c == [6 * dense + score] * 2 + [6 * active_moe + score] * 4 and (cfirst, clast) == (0, 6 * 100 * h)
+    # by parameters the expert layers are heavy (210,944 + 128 vs 110,592 + 128): the dense pair and one MoE layer
+    # (438,912 with the embedding) against three MoE layers and the head (639,680); (0, 4) would give 649,984
+    assert partition(m, 2, "parameters") == [(0, 3), (3, 6)]
+    # by cost the dense layers are heavy (712,704 FLOPs per token vs 172,032): they go alone (1,425,408 vs 726,528)
+    assert partition(m, 2, "cost") == [(0, 2), (2, 6)]
+    # MTP counts on the last stage: its block, W_k and the embedding copy (parameters), block + head (cost)
+    mtp = ModelConfig.from_dict(dict(MOE, num_layers=6, first_k_dense_replace=2, intermediate_size=512,
+                                     n_routed_experts=32, num_experts_per_tok=1, n_shared_experts=0,
+                                     max_seq_len=64, vocab_size=100, mtp_depth=1))
+    assert layer_weights(mtp, "parameters")[2] == last + dense + 2 * h + 2 * h * h + 3 * h + 100 * h
+    assert layer_weights(mtp, "cost")[2] == clast + 6 * (dense + 2 * h * h) + score + 6 * 100 * h
+    with pytest.raises(ValueError, match="parallel.partition='flops'"):
+        partition(m, 2, "flops")
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_planner_counts_mtp_like_the_built_last_stage(pp):
+    """The last stage's parameters with model.mtp_depth=2 equal the real Decoder's stage (at pp=2 it keeps an
+    embedding copy for the MTP inputs), and each depth's kept activations are in the estimate."""
+    from megaseek.model.decoder import Decoder
+    from megaseek.planner.memory import activation_bytes, layer_activation_bytes
+    m = ModelConfig.from_dict(dict(MOE, num_layers=3, mtp_depth=2))
+    stages = stage_params(m, 1, pp)
+    lo, hi = partition_of(m, pp)[-1]
+    model = Decoder(m, seed=0, first_layer=lo, last_layer=hi, pre=pp == 1, post=True)
+    assert stages[-1].params == sum(p.numel() for p in model.parameters())
+    st = Setup(model=m, pp=pp, micro_batch=2, global_batch=2, seq_len=16)
+    base = activation_bytes(st.with_(model=ModelConfig.from_dict(dict(MOE, num_layers=3))), stages[-1])
+    got = activation_bytes(st, stages[-1])
+    T, a = 32, 4
+    per_depth = layer_activation_bytes(m, 2, 16, 1, False, a)["none"] + 4 * a * T * 64 + 4 * T * 1000
+    assert got["layers_total"] - base["layers_total"] == 2 * per_depth
+
+
+def partition_of(m, pp):
+    from megaseek.planner.memory import stage_ranges
+    return stage_ranges(m, pp)
+
+
+def test_search_tries_expert_degrees():
+    """The layout search goes over ep for MoE models (ZeRO 1-2 when ep > 1). One MoE layer, one GPU per node
+    (tp = pp = 1, dp = 8): with memory for the experts only when they are sharded, every layout that fits has
+    ep > 1; with room to spare every ep is there."""
+    from megaseek.planner.plan import candidates, search
+    m = ModelConfig.from_dict(dict(MOE, num_layers=1, first_k_dense_replace=0, n_routed_experts=64,
+                                   moe_intermediate_size=256, hidden_size=256, num_heads=8, num_kv_heads=4))
+    base = Setup(model=m, global_batch=16, seq_len=64)
+    assert {c.ep for c in candidates(base, 8, 1)} == {1, 2, 4, 8}
+    assert all(c.zero_stage in (1, 2) for c in candidates(base, 8, 1) if c.ep > 1)
+    assert {c.ep for c in candidates(base.with_(model=ModelConfig.from_dict(dict(MOE, mlp="swiglu"))), 8, 1)} == {1}
+    big = Hardware(name="gpu", gpus_per_node=1, memory_gb=1000)
+    one = make_plan(base.with_(dp=8, ep=1, zero_stage=2), big).memory.peak
+    eight = make_plan(base.with_(dp=8, ep=8, zero_stage=2), big).memory.peak
+    assert eight < one - 30e6, (eight, one)  # 64 experts x 3 x 256 x 256 fp32 weights, gradients, moments
+    tight = Hardware(name="gpu", gpus_per_node=1, memory_gb=(one + eight) / 2 / 1e9)
+    plans = search(base, tight, 8, top=1000)
+    assert {p.setup.ep for p in plans} == {2, 4, 8}  # (ZeRO-3 at ep=1 does not fit either: its gather buffers)
+    assert {p.setup.ep for p in search(base, big, 8, top=1000)} == {1, 2, 4, 8}
+
+
+def test_bad_partition_method_refused_before_any_work():
+    from megaseek.config.schema import ConfigError, validate
+    from tests.helpers import compose
+    with pytest.raises(ConfigError, match="parallel.partition='flops': choose one of parameters, cost, uniform"):
+        validate(compose(["parallel.partition=flops", "parallel.pp=2"]), 2, has_cuda=False)
+    assert validate(compose(["parallel.partition=cost", "parallel.pp=2"]), 2, has_cuda=False).pp == 2

@@ -33,7 +33,8 @@ def _all(rank, world):
     """Every scenario in one 2-process world (start-up is the expensive part)."""
     init_gloo(rank, world)
     return {"rank_r": _rank_r_and_warmup(rank, world), "bytes": _tiny_bytes(rank, world, 4),
-            "ef_on": _error_feedback(rank, world, True), "ef_off": _error_feedback(rank, world, False)}
+            "ef_on": _error_feedback(rank, world, True), "ef_off": _error_feedback(rank, world, False),
+            "state": _state_round_trip(rank, world)}
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +122,48 @@ def test_shapes_and_refusals():
         check_powersgd(4, 10, 0, ep=2)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         PowerSGD(rank=0)
+
+
+def _state_round_trip(rank, world):
+    """A reducer restored from another's `rank_state` (through a safetensors file, as the checkpoint does)
+    continues bit for bit; at another layout, or without a file, it starts again (warm-up, notice)."""
+    import tempfile
+    from pathlib import Path
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(2)
+    seq = [[torch.randn(32, 24, generator=g), torch.randn(24, generator=g)] for _ in range(6 * world)]
+    grads = lambda step: [t.clone() for t in seq[step * world + rank]]  # noqa: E731  (this rank's, per step)
+    layout = {"dp": world, "tp": 1, "pp": 1, "world_size": world}
+    a = PowerSGD(rank=2, warmup_steps=1, log=lambda m: None)
+    for step in range(3):
+        a.reduce(grads(step))
+    tensors, meta = a.rank_state()
+    path = Path(tempfile.mkdtemp()) / f"powersgd-rank{rank}.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    b, c, d = (PowerSGD(rank=2, warmup_steps=1, log=lambda m: None) for _ in range(3))
+    b.load_rank_state(path, layout, layout)
+    c.load_rank_state(path, dict(layout, dp=2 * world, world_size=2 * world), layout)
+    d.load_rank_state(None, layout, layout)
+    out = {"keys": sorted(tensors), "b_step": b.step, "c_step": c.step, "d_notice": d.notice["reason"],
+           "c_notice": c.notice["reason"], "b_notice": b.notice, "diff": [], "diff_fresh": []}
+    for step in range(3, 6):
+        ga, gb, gc = grads(step), grads(step), grads(step)
+        a.reduce(ga)
+        b.reduce(gb)
+        c.reduce(gc)
+        out["diff"].append(max(float((x - y).abs().max()) for x, y in zip(ga, gb)))
+        out["diff_fresh"].append(float((ga[0] - gc[0]).abs().max()))
+    out["record"] = c.metrics_record(type("T", (), {"step": 4})())
+    out["record_again"] = c.metrics_record(type("T", (), {"step": 5})())
+    return out
+
+
+def test_reducer_state_round_trip(world2):
+    for out in [w["state"] for w in world2]:
+        assert out["keys"] == ["error.0", "q.0", "step"] and out["b_step"] == 3 and out["b_notice"] is None
+        assert max(out["diff"]) == 0.0, out["diff"]           # restored: the same updates, bit for bit
+        assert out["c_step"] == 0 and "dp=4 tp=1 pp=1, this run is dp=2" in out["c_notice"]
+        assert "holds no PowerSGD state" in out["d_notice"]
+        # the restarted reducer does a warm-up step (the exact mean) where the restored one compresses
+        assert min(out["diff_fresh"][:2]) > 1e-3, out["diff_fresh"]
+        assert out["record"]["powersgd_restart"]["step"] == 4 and out["record_again"] == {}

@@ -5,23 +5,28 @@
 - rank 4 after warm-up: the loop's bytes per step (the collective counter, `comm_bytes` in metrics.jsonl)
   against the plain run's within 5% of `theoretical_ratio` of the model's gradients;
 - error feedback on vs off: the same until the error memory is first used, different after;
-- bad config refused with one ConfigError naming the key (ZeRO > 0, negative rank).
+- bad config refused with one ConfigError naming the key (ZeRO > 0, negative rank);
+- checkpointed reducer state: a run resumed from the rank-4 run's step-3 checkpoint (error memory and Q
+  in powersgd-rank<r>.safetensors) equals the uninterrupted run; the same checkpoint without those files,
+  or resumed at another layout (tp=2, dp=1), starts the warm-up again, says so in metrics.jsonl and differs.
 """
 import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import compose, run_world
 from tests.test_equivalence import COMMON
 
 STEPS = 5
+SAVE = 3  # the rank-4 run (ef_on) checkpoints at step 3; the resume cases start from there
 BASE = ["zero.stage=0", "train.micro_batch_size=2", f"train.steps={STEPS}"]
 RUNS = {
     "plain": [],
     "warm": ["parallel.powersgd.rank=4", f"parallel.powersgd.warmup_steps={STEPS}"],
-    "ef_on": ["parallel.powersgd.rank=4", "parallel.powersgd.warmup_steps=1"],
+    "ef_on": ["parallel.powersgd.rank=4", "parallel.powersgd.warmup_steps=1", f"train.save_interval={SAVE}"],
     "ef_off": ["parallel.powersgd.rank=4", "parallel.powersgd.warmup_steps=1", "parallel.powersgd.error_feedback=false"],
 }
 
@@ -37,7 +42,37 @@ def _jobs(rank, world, base, data_root):
         job.run_job()
         if rank == 0:
             out[name] = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
+    for name, extra in RESUMES.items():  # from a copy of ef_on's step-3 checkpoint
+        d = Path(base) / f"resume_{name}"
+        if rank == 0:
+            _copy_checkpoint(Path(base) / "ef_on", d, drop_reducer=(name == "no_state"))
+        torch.distributed.barrier()
+        job = build_job(compose(COMMON + BASE + RUNS["ef_on"] + extra + [f"data.root={data_root}", f"run_dir={d}"]))
+        job.run_job()
+        if rank == 0:
+            out[f"resume_{name}"] = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
+            out[f"files_{name}"] = sorted(f.name for f in (Path(base) / "ef_on" / "checkpoints" /
+                                                            f"global_step{SAVE}").iterdir())
     return out
+
+
+RESUMES = {"same": [], "no_state": [], "tp2": ["parallel.tp=2"]}
+
+
+def _copy_checkpoint(src_run: Path, dst_run: Path, drop_reducer: bool) -> None:
+    """dst_run/checkpoints/global_step<SAVE> = src_run's; drop_reducer: without the PowerSGD files (and their
+    manifest entries), as a checkpoint written before the reducer state was saved."""
+    import shutil
+    tag = f"global_step{SAVE}"
+    dst = dst_run / "checkpoints" / tag
+    shutil.copytree(src_run / "checkpoints" / tag, dst)
+    (dst_run / "checkpoints" / "latest").write_text(tag)
+    if drop_reducer:
+        man = json.loads((dst / "manifest.json").read_text())
+        for f in dst.glob("powersgd-rank*.safetensors"):
+            f.unlink()
+            del man["files"][f.name]
+        (dst / "manifest.json").write_text(json.dumps(man))
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +115,28 @@ def test_error_feedback_on_vs_off(runs):
     assert max(abs(a - b) for a, b in zip(on[:3], off[:3])) < 1e-6
     assert abs(on[3] - off[3]) > 1e-4 and abs(on[4] - off[4]) > 1e-4
     assert abs(on[2] - plain[2]) > 1e-4  # the compression is on from step 2
+
+
+def test_resume_restores_reducer_state(runs):
+    full = runs["ef_on"]
+    assert {"powersgd-rank0.safetensors", "powersgd-rank1.safetensors"} <= set(runs["files_same"])
+    same, none, tp2 = runs["resume_same"], runs["resume_no_state"], runs["resume_tp2"]
+    assert [r["step"] for r in same] == list(range(SAVE + 1, STEPS + 1))
+    tail = [r["loss"] for r in full[SAVE:]]
+    d_same = max(abs(r["loss"] - b) for r, b in zip(same, tail))
+    d_none = [abs(r["loss"] - b) for r, b in zip(none, tail)]
+    print(f"PowerSGD rank 4 resumed at step {SAVE}: losses {[r['loss'] for r in same]} vs uninterrupted {tail} "
+          f"(max |d| {d_same:.2e}); without the reducer state {[r['loss'] for r in none]} (|d| {d_none}); "
+          f"at tp=2 dp=1 {[r['loss'] for r in tp2]}")
+    assert d_same < 1e-6 and not any("powersgd_restart" in r for r in same)
+    # without the state: step 4's loss is the checkpoint's weights (equal); its reduction is a warm-up step
+    # again (full all-reduce instead of the compressed one with error feedback), so step 5 differs
+    assert d_none[0] < 1e-6 and d_none[1] > 1e-4
+    rec = none[0]["powersgd_restart"]
+    assert rec["step"] == SAVE + 1 and "holds no PowerSGD state" in rec["reason"]
+    rec = tp2[0]["powersgd_restart"]
+    assert rec["event"] == "powersgd_restart" and "dp=2 tp=1 pp=1, this run is dp=1 tp=2 pp=1" in rec["reason"]
+    assert tp2[0]["layout_change"]["reason"] == "reshape" and len(tp2) == STEPS - SAVE
 
 
 def test_bad_powersgd_config_refused():

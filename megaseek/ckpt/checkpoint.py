@@ -9,6 +9,7 @@ selection of the newest valid checkpoint, keep-last-K.
         weights-stage<s>.safetensors   full fp32 parameters of pipeline stage s, canonical names
         optim-stage<s>.safetensors     full Adam moments (exp_avg.<name>, exp_avg_sq.<name>)
         rng-rank<r>.safetensors    RNG states of every rank
+        powersgd-rank<r>.safetensors   PowerSGD reducer state of every rank (parallel.powersgd.rank > 0)
         tokenizer.json             the run's tokenizer (export and evaluation need no run directory)
         ds/                        optional DeepSpeed-native copy (zero_to_fp32.py, DeepSpeed tools)
 

@@ -249,19 +249,47 @@ def write_checkpoint(out: Path, cfg, weights: dict, tokenizer: Optional[Path], s
 def import_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Turn a Hugging Face LlamaForCausalLM or DeepseekV3ForCausalLM directory into a megaseek checkpoint directory
     (weights only, step 0; tokenizer.json copied when present). DeepseekV3's interleaved RoPE rows are re-laid
-    to rotate-half; MTP modules (model.layers.{num_hidden_layers}+) are not imported."""
+    to rotate-half. MTP modules (`num_nextn_predict_layers` at model.layers.{num_hidden_layers + d}, as DeepSeek
+    and our export write them) become model.mtp_depth and mtp.{d}.*; they are left out, with a note printed and
+    kept in the checkpoint's state (`mtp_dropped`), when the weights hold none (transformers does not save
+    them) or when an MTP layer's MLP is MoE (megaseek's MTP block is dense)."""
+    import dataclasses
     hf_dir, out = Path(hf_dir), Path(out)
     if not hf_dir.is_dir():
         raise CheckpointError(f"hf_dir={hf_dir}: no such directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"{out}: output exists and is not an empty directory (pass overwrite=true)")
     cfg, ad, hf = hf_model_config(hf_dir)
-    w = ad.from_hf_state(read_hf_weights(hf_dir), hf)
+    raw = read_hf_weights(hf_dir)
+    dropped = _mtp_to_drop(cfg, raw)
+    if dropped:
+        print(f"[megaseek] import_hf: {hf_dir}: {dropped}; imported without multi-token prediction (mtp_depth=0)")
+        cfg = dataclasses.replace(cfg, mtp_depth=0)
+        from megaseek.model.adapter import adapter_for
+        ad = adapter_for(cfg)
+    w = ad.from_hf_state(raw, hf)
     if cfg.tie_embeddings:
         w.pop("lm_head.weight", None)
     tok = hf_dir / "tokenizer.json"
     state = {"step": 0, "imported_from": str(hf_dir.resolve()), "architecture": hf["architectures"][0]}
+    if dropped:
+        state["mtp_dropped"] = dropped
     return write_checkpoint(out, cfg, w, tok if tok.is_file() else None, state)
+
+
+def _mtp_to_drop(cfg, hf_weights: dict) -> Optional[str]:
+    """Why the config's MTP depths cannot be imported from these weights, or None (also when it has none)."""
+    depth = getattr(cfg, "mtp_depth", 0)
+    if not depth:
+        return None
+    layers = [f"model.layers.{cfg.num_layers + d}." for d in range(depth)]
+    held = [p for p in layers if any(k.startswith(p) for k in hf_weights)]
+    if len(held) < depth:
+        return (f"num_nextn_predict_layers={depth} but the weights hold {len(held)} MTP layer(s) "
+                f"(transformers' DeepseekV3ForCausalLM does not save them)")
+    if any(k.startswith(tuple(layers)) and ".mlp.experts." in k for k in hf_weights):
+        return "the MTP layers have MoE MLPs (megaseek's MTP block is a dense SwiGLU)"
+    return None
 
 
 # --- evaluation ---

@@ -46,8 +46,11 @@ def persistent_buffers(module) -> dict:
 class CheckpointManager:
     def __init__(self, run_dir: Path, engine, groups, model_cfg, tokenizer_path: Optional[Path],
                  skip_params=(), rng_tracker=None, keep: int = 3, native: bool = False, log=print,
-                 on_files_written: Optional[Callable[[int, Path], None]] = None):
+                 on_files_written: Optional[Callable[[int, Path], None]] = None, rank_state: Optional[dict] = None):
         self.run_dir, self.engine, self.groups = Path(run_dir), engine, groups
+        # name -> rank-local state beside the checkpoint (the PowerSGD reducer): `rank_state() -> (tensors, meta)`
+        # is written to <name>-rank<r>.safetensors; `load_rank_state(file or None, saved layout, layout)` reads it
+        self.rank_state = dict(rank_state or {})
         self.model_cfg, self.tokenizer_path = model_cfg, tokenizer_path
         self.skip, self.rng, self.keep, self.native, self.log = tuple(skip_params), rng_tracker, keep, native, log
         self.rank = groups.global_rank
@@ -84,6 +87,9 @@ class CheckpointManager:
         if self.rng is not None:
             rng.update({f"tracker_{k}": v for k, v in self.rng.state_dict().items() if v is not None})
         save_file(rng, str(tmp / f"rng-rank{self.rank}.safetensors"))
+        for key, obj in self.rank_state.items():
+            tensors, meta = obj.rank_state()
+            save_file(tensors, str(tmp / f"{key}-rank{self.rank}.safetensors"), metadata=meta)
         if self.on_files_written is not None:
             self.on_files_written(step, tmp)
         if self.native:  # DeepSpeed's own format beside ours (zero_to_fp32.py, DeepSpeed tools)
@@ -159,6 +165,11 @@ class CheckpointManager:
                 if self.rng is not None and "tracker_cpu" in keys:
                     self.rng.load_state_dict({"cpu": f.get_tensor("tracker_cpu"),
                                               "cuda": f.get_tensor("tracker_cuda") if "tracker_cuda" in keys else None})
+        t = self.groups.topo
+        for key, obj in self.rank_state.items():
+            f = path / f"{key}-rank{self.rank}.safetensors"
+            obj.load_rank_state(f if f.is_file() else None, man["layout"],
+                                {"dp": t.dp, "tp": t.tp, "pp": t.pp, "world_size": t.world_size})
         _barrier()
         return state
 

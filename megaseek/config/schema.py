@@ -94,6 +94,10 @@ def validate(cfg: Mapping, world_size: int, has_cuda: Optional[bool] = None) -> 
     if layout.pp > mcfg.num_layers:
         raise ConfigError(f"parallel.pp={layout.pp} stages for model.num_layers={mcfg.num_layers}: "
                           f"every stage needs at least one layer")
+    from megaseek.pipeline.partition import METHODS
+    method = str(_get(cfg, "parallel.partition", "parameters"))
+    if method not in METHODS:
+        raise ConfigError(f"parallel.partition={method!r}: choose one of {', '.join(METHODS)}")
 
     _check_moe_layout(cfg, mcfg, layout)
 

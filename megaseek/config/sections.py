@@ -74,7 +74,7 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1                      # expert parallel: routed experts sharded over ep data-parallel ranks (MoE)
     sequence_parallel: bool = False
-    partition: str = "parameters"    # pipeline stages balanced by `parameters` or `uniform` layer counts
+    partition: str = "parameters"    # pipeline stages balanced by `parameters` (memory), `cost` (active FLOPs) or `uniform` layer counts
     powersgd: PowerSGDSection = field(default_factory=PowerSGDSection)
 
 

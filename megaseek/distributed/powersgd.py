@@ -21,13 +21,21 @@ the metrics hub's collective counter (megaseek/monitor/comm.py: `comm_bytes` per
 
 In the training job (`parallel.powersgd.rank` > 0, zero.stage=0) the step runner turns DeepSpeed's backward
 all-reduce off and calls `reduce(dp_gradients(module))` over the data-parallel group after the last
-backward, before the gradient norm and clipping. The reducer's state (step, Q, error memory) is not
-checkpointed: a resumed run starts its warm-up again.
+backward, before the gradient norm and clipping.
+
+Checkpoints: the reducer's state is rank-local (the error memory e_i is this rank's; Q is the same on the
+ranks of a data-parallel group but belongs to this rank's tensor / pipeline shard), so every rank writes
+its own `powersgd-rank<r>.safetensors` (step, q.<i>, error.<i>) into the checkpoint directory
+(megaseek/ckpt/manager.py `rank_state`). A resume at the same layout (dp, tp, pp, world size) loads it and
+continues exactly where the saved run was; at another layout, or from a checkpoint without the file, the
+reducer starts from scratch (warm-up again, fresh Q, zero error memory), logs a warning and puts a
+`powersgd_restart` record into the first metrics.jsonl line after the resume.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -118,9 +126,9 @@ class PowerSGD:
     """reduce(grads): in place, every tensor becomes the (approximate, rank-r) mean over `group`."""
 
     def __init__(self, group=None, rank: int = 4, warmup_steps: int = 10, error_feedback: bool = True,
-                 seed: int = 0):
-        """`group`: the data-parallel process group (None: the default group). A resumed run builds a new
-        reducer: warm-up, the right factors Q and the error memory start again from scratch."""
+                 seed: int = 0, log: Callable[[str], None] = print):
+        """`group`: the data-parallel process group (None: the default group). A resumed run restores the
+        state with `load_rank_state` (see the module docstring)."""
         if rank < 1:
             raise ValueError(f"PowerSGD rank must be >= 1, got {rank}")
         if warmup_steps < 0:
@@ -130,6 +138,8 @@ class PowerSGD:
         self.step = 0
         self.q: dict[int, torch.Tensor] = {}      # tensor index -> (m, r) right factor, the same on every rank
         self.error: dict[int, torch.Tensor] = {}  # tensor index -> (n, m) error memory of this rank
+        self.log = log
+        self.notice: Optional[dict] = None        # a warm-up restart at resume, for the next metrics record
 
     def _world(self) -> int:
         return dist.get_world_size(self.group) if dist.is_initialized() else 1
@@ -173,7 +183,7 @@ class PowerSGD:
                 continue
             m = g.reshape(nm)
             if self.error_feedback and i in self.error:
-                m = m + self.error[i]
+                m = m + self.error[i].to(m)  # (a restored memory may sit on the CPU)
             mats.append((i, g, m))
         self._dense(dense)
         if not mats:
@@ -183,7 +193,7 @@ class PowerSGD:
             r = min(self.rank, *m.shape)
             if i not in self.q:
                 self.q[i] = self._init_q(i, m.shape[1], r, m)
-            qs.append(self.q[i])
+            qs.append(self.q[i].to(m))
         ps = [m @ q for (_, _, m), q in zip(mats, qs)]                  # (n, r) each
         flat_p = torch.cat([p.reshape(-1) for p in ps])
         self._all_reduce(flat_p, "powersgd_p")                            # sum_i M_i Q
@@ -204,3 +214,57 @@ class PowerSGD:
                 self.error[i] = m - approx
             self.q[i] = q.clone()
             g.copy_(approx.view_as(g))
+
+    # --- checkpointed state (megaseek/ckpt/manager.py calls these on every rank) ---
+    def rank_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """This rank's state as named tensors (step (), q.<i> (m, r), error.<i> (n, m)) and string metadata."""
+        tensors = {"step": torch.tensor(self.step, dtype=torch.int64)}
+        tensors.update({f"q.{i}": q.detach().contiguous() for i, q in self.q.items()})
+        tensors.update({f"error.{i}": e.detach().contiguous() for i, e in self.error.items()})
+        meta = {"rank": str(self.rank), "warmup_steps": str(self.warmup_steps),
+                "error_feedback": str(int(self.error_feedback)), "dp": str(self._world())}
+        return tensors, meta
+
+    def reset(self) -> None:
+        """Back to a fresh reducer: the next `warmup_steps` calls all-reduce whole, then a new random Q."""
+        self.step, self.q, self.error = 0, {}, {}
+
+    def load_rank_state(self, path: Optional[Path], saved_layout: Mapping, layout: Mapping) -> None:
+        """Restore this rank's state from `path` (its file in a checkpoint; None when the checkpoint has none)
+        when the checkpoint was written at `layout` (dp, tp, pp, world_size); otherwise start again from
+        scratch, with a warning and a `powersgd_restart` record for metrics.jsonl."""
+        from safetensors import safe_open
+        axes = ("dp", "tp", "pp", "world_size")
+        saved = {k: int(saved_layout.get(k, 1)) for k in axes}
+        cur = {k: int(layout.get(k, 1)) for k in axes}
+        reason = None
+        if saved != cur:
+            reason = (f"the checkpoint was written at dp={saved['dp']} tp={saved['tp']} pp={saved['pp']}, this run "
+                      f"is dp={cur['dp']} tp={cur['tp']} pp={cur['pp']}: the saved error memories and Q factors "
+                      f"belong to other data-parallel ranks / shards")
+        elif path is None:
+            reason = "the checkpoint holds no PowerSGD state (written without parallel.powersgd, or by an older version)"
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if int(meta.get("rank", self.rank)) != self.rank:
+                    reason = f"the checkpoint's reducer ran at parallel.powersgd.rank={meta['rank']}, this run at {self.rank}"
+                else:
+                    t = {k: f.get_tensor(k) for k in f.keys()}
+        if reason is None:
+            self.step = int(t.pop("step"))
+            self.q = {int(k[2:]): v for k, v in t.items() if k.startswith("q.")}
+            self.error = {int(k[6:]): v for k, v in t.items() if k.startswith("error.")} if self.error_feedback else {}
+            self.notice = None
+            return
+        self.reset()
+        msg = (f"[powersgd] WARNING: reducer state not restored, warm-up starts again ({self.warmup_steps} steps "
+               f"with the full all-reduce, then a fresh Q and zero error memory): {reason}")
+        self.log(msg)
+        self.notice = {"event": "powersgd_restart", "reason": reason, "warmup_steps": self.warmup_steps,
+                       "message": msg}
+
+    def metrics_record(self, t) -> dict:
+        """A `Metrics` extra hook: the warm-up restart (once, in the first record after the resume)."""
+        notice, self.notice = self.notice, None
+        return {"powersgd_restart": dict(notice, step=int(t.step))} if notice else {}

@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from megaseek.model import rope
+
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _MTP = re.compile(r"^mtp\.(\d+)\.(.+)$")
 
@@ -116,7 +118,7 @@ class DenseAdapter:
                 "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
                 "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
                 "rope_theta": cfg.rope_theta,
-                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                "rope_parameters": rope.to_hf(cfg),
                 "tie_word_embeddings": bool(cfg.tie_embeddings), "attention_bias": False, "mlp_bias": False,
                 "attention_dropout": 0.0, "initializer_range": cfg.init_std, "pretraining_tp": 1,
                 "use_cache": True, "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
@@ -165,7 +167,7 @@ class DenseAdapter:
         """LlamaForCausalLM config.json -> our model keys; one ValueError naming the key we cannot represent."""
         theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
         _refuse_hf(hf, {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu"})
-        _refuse_rope_scaling(hf)
+        scaling = rope.from_hf(hf)  # {} for plain RoPE; YaRN keys; other types refused
         heads = hf["num_attention_heads"]
         if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
             raise ValueError(f"config.json: head_dim={hf['head_dim']} != hidden_size / num_attention_heads "
@@ -175,7 +177,7 @@ class DenseAdapter:
                 "intermediate_size": hf["intermediate_size"], "max_seq_len": hf.get("max_position_embeddings", 2048),
                 "rope_theta": float(theta), "norm_eps": hf.get("rms_norm_eps", 1e-6),
                 "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-                "init_std": hf.get("initializer_range", 0.02), "attention": "gqa", "mlp": "swiglu"}
+                "init_std": hf.get("initializer_range", 0.02), "attention": "gqa", "mlp": "swiglu", **scaling}
 
 
 def _refuse_hf(hf: dict, want: dict) -> None:
@@ -184,12 +186,6 @@ def _refuse_hf(hf: dict, want: dict) -> None:
             raise ValueError(f"config.json: {k}={hf[k]!r} is not supported (megaseek needs {k}={v!r})")
 
 
-def _refuse_rope_scaling(hf: dict) -> None:
-    rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    t = rp.get("rope_type", rp.get("type", "default"))
-    if t not in (None, "default"):
-        raise ValueError(f"config.json: rope scaling {t!r} is not supported (megaseek has plain RoPE); "
-                         f"import a model without rope_parameters.rope_type={t}")
 
 
 class DeepseekV3Adapter(DenseAdapter):
@@ -276,16 +272,33 @@ class DeepseekV3Adapter(DenseAdapter):
         if not m:
             return {v: k for k, v in self.TOP.items()}.get(hf)
         L, rest = int(m.group(1)), m.group(2)
-        if L >= self.cfg.num_layers:  # MTP modules (model.layers.{num_layers + k}): not held by this model
-            return None
+        if L >= self.cfg.num_layers:  # MTP depth L - num_layers (None when this model holds no such depth)
+            return self._mtp_from_hf(L - self.cfg.num_layers, rest)
+        sub = self._block_from_hf(rest)
+        return f"layers.{L}.{sub}" if sub else None
+
+    def _block_from_hf(self, rest: str) -> Optional[str]:
+        """A decoder layer's HF name after `model.layers.{i}.` -> ours after `layers.{i}.`."""
         inv = {v: k for k, v in self.NORMS.items()}
         if rest in inv:
-            return f"layers.{L}.{inv[rest]}"
+            return inv[rest]
         if rest.startswith("self_attn.") and rest.split(".")[1] in self.ATTN:
-            return f"layers.{L}.attn.{rest[10:]}"
+            return f"attn.{rest[10:]}"
         if rest.startswith("mlp."):
-            return f"layers.{L}.{rest}"
+            return rest
         return None
+
+    def _mtp_from_hf(self, d: int, rest: str) -> Optional[str]:
+        """DeepSeek's MTP layer `model.layers.{num_layers + d}.<rest>` -> mtp.{d}.*; its copies of the embedding
+        and head (embed_tokens, shared_head.head) are the main model's, shared, so not held twice."""
+        if d >= getattr(self.cfg, "mtp_depth", 0) or rest in ("embed_tokens.weight", "shared_head.head.weight"):
+            return None
+        own = {"eh_proj.weight": "eh_proj", "enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
+               "shared_head.norm.weight": "norm.weight"}
+        if rest in own:
+            return f"mtp.{d}.{own[rest]}"
+        sub = self._block_from_hf(rest)
+        return f"mtp.{d}.block.{sub}" if sub else None
 
     # --- the RoPE row layout ---
     def _rope_rows(self, name: str):
@@ -351,7 +364,7 @@ class DeepseekV3Adapter(DenseAdapter):
              "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
              "v_head_dim": cfg.v_head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
              "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+             "rope_parameters": rope.to_hf(cfg),
              "rope_interleave": bool(rope_interleave), "tie_word_embeddings": bool(cfg.tie_embeddings),
              "attention_bias": False, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
              "num_nextn_predict_layers": int(getattr(cfg, "mtp_depth", 0)), "use_cache": True,
@@ -370,7 +383,7 @@ class DeepseekV3Adapter(DenseAdapter):
         """DeepseekV3ForCausalLM config.json -> our model keys (MoE layers need model.mlp=moe)."""
         theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
         _refuse_hf(hf, {"attention_bias": False, "hidden_act": "silu"})
-        _refuse_rope_scaling(hf)
+        scaling = rope.from_hf(hf)  # {} for plain RoPE; YaRN keys; other types refused
         heads, L = hf["num_attention_heads"], hf["num_hidden_layers"]
         out = {"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"], "num_layers": L, "num_heads": heads,
                "num_kv_heads": heads, "intermediate_size": hf["intermediate_size"],
@@ -379,7 +392,7 @@ class DeepseekV3Adapter(DenseAdapter):
                "init_std": hf.get("initializer_range", 0.02), "attention": "mla", "mlp": "swiglu",
                "q_lora_rank": hf.get("q_lora_rank"), "kv_lora_rank": hf["kv_lora_rank"],
                "qk_nope_head_dim": hf["qk_nope_head_dim"], "qk_rope_head_dim": hf["qk_rope_head_dim"],
-               "v_head_dim": hf["v_head_dim"]}
+               "v_head_dim": hf["v_head_dim"], "mtp_depth": int(hf.get("num_nextn_predict_layers") or 0), **scaling}
         if hf.get("first_k_dense_replace", 0) < L:
             out.update(mlp="moe", first_k_dense_replace=hf.get("first_k_dense_replace", 0),
                        n_routed_experts=hf["n_routed_experts"], n_shared_experts=hf.get("n_shared_experts", 0) or 0,

@@ -30,6 +30,14 @@ class ModelConfig:
     intermediate_size: int = 704
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    # RoPE context extension (megaseek/model/rope.py): none | yarn (DeepSeek-V2/V3's YaRN)
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0               # yarn: positions interpolated by this factor in the low frequencies
+    rope_original_max_seq_len: int = 4096  # yarn: the context length the frequencies were trained for
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float = 1.0               # yarn attention factor mscale(f, m) / mscale(f, m_all) on cos and sin
+    rope_mscale_all_dim: float = 0.0       # and MLA's softmax scale times mscale(f, m_all)^2 (0: off)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -97,6 +105,8 @@ class ModelConfig:
                 not self.mtp_loss_weight >= 0:  # (NaN fails too)
             bad(f"model.mtp_depth={self.mtp_depth} must be in [0, model.max_seq_len - 2] and "
                 f"model.mtp_loss_weight={self.mtp_loss_weight} >= 0")
+        from megaseek.model import rope
+        rope.validate(self, bad)
         if self.attention == "mla":
             self._validate_mla(bad)
         elif self.hidden_size % self.num_heads:

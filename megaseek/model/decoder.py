@@ -24,7 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from megaseek.model.attention import attention_mask
 from megaseek.model.cache import KVCache
 from megaseek.model.config import ModelConfig
-from megaseek.model.layers import RMSNorm, rope_at, rope_tables, scaled_out_std
+from megaseek.model.layers import RMSNorm, rope_at, scaled_out_std
+from megaseek.model.rope import model_rope_tables
 from megaseek.model.spec import attention_cls, build_mlp, check
 from megaseek.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaseek.tensor_parallel.layers import (ColumnParallelLinear, TPContext, VocabParallelEmbedding,
@@ -117,7 +118,7 @@ class Decoder(nn.Module):
                                  f"modules need whole sequences; set one of them off")
             from megaseek.model.mtp import MTPModule
             self.mtp = nn.ModuleList(MTPModule(cfg, ctx, k, seed, rng, Block) for k in range(1, cfg.mtp_depth + 1))
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.rope_dim, cfg.rope_theta)
+        cos, sin = model_rope_tables(cfg)  # plain RoPE or YaRN (megaseek/model/rope.py)
         self.register_buffer("rope_cos", cos, persistent=False)  # (s_max, d)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -40,8 +40,10 @@ LATENT_NORM_EPS = 1e-6  # the latent RMSNorms' eps: fixed in DeepSeek's code and
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-    """1 / sqrt(d_n + d_r): the query/key width including the rope part (DeepSeek-V2/V3, no YaRN)."""
-    return (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    """1 / sqrt(d_n + d_r): the query/key width including the rope part (DeepSeek-V2/V3); under YaRN times
+    mscale(f, rope_mscale_all_dim)^2 (megaseek/model/rope.py)."""
+    from megaseek.model.rope import softmax_mscale
+    return (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5 * softmax_mscale(cfg)
 
 
 class ReplicatedLinear(nn.Module):

@@ -1,14 +1,22 @@
 """Cut the decoder's layers into pipeline stages.
 
 `uniform`: layer counts differ by at most one (earlier stages take the extra layers).
-`parameters`: minimise the largest stage's parameter count, where stage 0 also holds the embedding and
-the last stage the final norm and LM head (a tied head is a second copy of the embedding on the last
-stage). Every stage gets at least one layer. Exact by dynamic programming over the prefix sums.
+`parameters` (memory): minimise the largest stage's parameter count. Each layer weighs its own count (with
+mlp=moe the first `first_k_dense_replace` layers are dense, the rest hold every routed expert); stage 0 also
+holds the embedding, the last stage the final norm and LM head (a tied head is a second copy of the
+embedding there) and the multi-token-prediction modules (D x (block + W_k (h, 2h) + 3 norms), plus the
+embedding copy they read when pp > 1).
+`cost` (time): minimise the largest stage's training FLOPs per token. A layer weighs 6 x its ACTIVE matmul
+weights (an MoE layer: router, k routed and the shared experts, not all E) + 3 x its attention score FLOPs
+at s = model.max_seq_len; the embedding lookup costs nothing; the last stage adds the LM head (6 V h) and,
+per MTP depth, its block, W_k and one more head. With MoE layers this keeps a stage of many experts from
+being starved of layers by their parameter count when they compute little.
+Every stage gets at least one layer. Exact by dynamic programming over the prefix sums.
+Counts are global (not per tensor or expert rank), so the partition does not depend on the layout.
 """
 from __future__ import annotations
 
 from megaseek.model.config import ModelConfig
-from megaseek.model.flops import param_counts
 
 
 def uniform(num_layers: int, stages: int) -> list[tuple[int, int]]:
@@ -59,12 +67,34 @@ def balanced(layer_weights: list[float], stages: int, first_extra: float, last_e
     return out[::-1]
 
 
+METHODS = ("parameters", "cost", "uniform")
+
+
+def layer_weights(cfg: ModelConfig, method: str) -> tuple[list[float], float, float]:
+    """(weight of each layer, first stage's extra, last stage's extra) for `parameters` or `cost`."""
+    import dataclasses
+
+    from megaseek.model.spec import attention_cls, layer_params
+    h, V, D = cfg.hidden_size, cfg.vocab_size, cfg.mtp_depth
+    mtp_block = layer_params(dataclasses.replace(cfg, mlp="swiglu"), cfg.num_layers) if D else None
+    if method == "parameters":
+        weights = [float(layer_params(cfg, i)["total"]) for i in range(cfg.num_layers)]
+        last = V * h + h  # LM head (or the tied copy) + final norm
+        if D:
+            last += D * (mtp_block["total"] + 2 * h * h + 3 * h) + V * h  # + the embedding copy MTP reads
+        return weights, float(V * h), float(last)
+    score = 3 * attention_cls(cfg).score_flops(cfg, cfg.max_seq_len)
+    weights = [float(6 * layer_params(cfg, i)["active_matmul"] + score) for i in range(cfg.num_layers)]
+    last = 6 * V * h
+    if D:
+        last += D * (6 * (mtp_block["matmul"] + 2 * h * h) + score + 6 * V * h)
+    return weights, 0.0, float(last)
+
+
 def partition(cfg: ModelConfig, stages: int, method: str = "parameters") -> list[tuple[int, int]]:
     if method == "uniform":
         return uniform(cfg.num_layers, stages)
-    if method != "parameters":
-        raise ValueError(f"parallel.partition={method!r}: choose 'parameters' or 'uniform'")
-    pc = param_counts(cfg)
-    embed = cfg.vocab_size * cfg.hidden_size
-    head = embed + cfg.hidden_size  # LM head (or tied copy) + final norm
-    return balanced([float(pc["per_layer"])] * cfg.num_layers, stages, float(embed), float(head))
+    if method not in METHODS:
+        raise ValueError(f"parallel.partition={method!r}: choose one of {', '.join(METHODS)}")
+    weights, first, last = layer_weights(cfg, method)
+    return balanced(weights, stages, first, last)

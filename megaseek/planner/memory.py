@@ -104,6 +104,19 @@ def stage_ranges(m: ModelConfig, pp: int, method: str = "parameters") -> list[tu
     return partition(m, pp, method)
 
 
+def mtp_params(m: ModelConfig, tp: int, pp: int) -> int:
+    """Multi-token prediction on the last stage, per tensor rank (megaseek/model/mtp.py): per depth a dense
+    block (3 h i / t SwiGLU), W_k (h, 2h) replicated, 3 norms; with pp > 1 (and no tied copy already there)
+    the stage also keeps a copy of the vocab-parallel embedding for the depths' input tokens."""
+    if not m.mtp_depth:
+        return 0
+    import dataclasses
+    h = m.hidden_size
+    block = layer_params(dataclasses.replace(m, mlp="swiglu"), tp)
+    emb = padded_vocab(m, tp) * h // tp if pp > 1 and not m.tie_embeddings else 0
+    return m.mtp_depth * (block + 2 * h * h + 3 * h) + emb
+
+
 def largest_param(m: ModelConfig, tp: int) -> int:
     h = m.hidden_size
     return max(padded_vocab(m, tp) * h // tp, h * m.intermediate_size // tp, h * m.num_heads * m.head_dim // tp)
@@ -142,6 +155,7 @@ def _stage_params(m: ModelConfig, tp: int, pp: int, method: str, ep: int = 1) ->
             n += vp * h // tp                      # embedding (or the tied copy on the last stage)
         if last:
             n += h + (0 if m.tie_embeddings else vp * h // tp)  # final norm + LM head
+            n += mtp_params(m, tp, pp)
         out.append(StageParams(s, hi - lo, n, first, last, experts, moe))
     return out
 
@@ -205,6 +219,10 @@ def activation_bytes(st: Setup, stage: StageParams, cpu: bool = False) -> dict:
     recompute = {"none": 0, "selective": big["attn_sublayer"], "full": big["none"]}[st.checkpointing]
     head = head_activation_bytes(m, st.micro_batch, st.seq_len, st.tp, st.sp, a, cpu) if stage.head else \
         {"norm": 0, "logits": 0, "logits_saved": 0}
+    if stage.head and m.mtp_depth:  # per depth, kept until backward: its dense block (never recomputed), the
+        # normed hidden and embedded inputs and their (T, 2h) concatenation, its loss's fp32 log-softmax
+        T, h = st.micro_batch * st.seq_len, m.hidden_size
+        kept += m.mtp_depth * (per["none"] + 4 * a * T * h + head["logits_saved"]) * in_flight
     # the loss workspace exists only at the end of the forward / start of the backward; recompute later
     total = kept + max(head["norm"] + head["logits"], recompute)
     return {"per_layer": per[st.checkpointing], "layers": stage.layers, "in_flight": in_flight,

@@ -56,6 +56,10 @@ def layout_problems(st: Setup, world_size: int) -> list[str]:
             out.append(f"parallel.ep={st.ep} does not divide the data-parallel size {st.dp}")
         if st.zero_stage not in (1, 2) or st.offload_optimizer or st.offload_param:
             out.append(f"parallel.ep={st.ep} runs with zero.stage 1 or 2 without offload (DeepSpeed's MoE)")
+    if m.mlp == "moe" and st.pp > 1 and m.balance in ("seq_aux", "aux"):
+        out.append(f"model.balance={m.balance} with pp={st.pp}: use aux_free (or none) with pipelines")
+    if m.mtp_depth and st.sp:
+        out.append(f"model.mtp_depth={m.mtp_depth} with sequence parallelism: the MTP modules need whole sequences")
     return out
 
 
@@ -77,9 +81,18 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def expert_degrees(base: Setup, dp: int) -> list[int]:
+    """ep choices for an MoE model: every divisor of dp that divides n_routed_experts (1 for dense models)."""
+    m = base.model
+    if m.mlp != "moe":
+        return [1]
+    return [e for e in _divisors(dp) if m.n_routed_experts % e == 0]
+
+
 def candidates(base: Setup, world_size: int, gpus_per_node: int, max_tp: Optional[int] = None) -> Iterable[Setup]:
     """Layouts worth considering at this world size: tp within a node, every pp dividing the rest, ZeRO
-    0-3 (0-1 with pipelines), power-of-two micro-batches, the three checkpointing modes, SP when tp > 1.
+    0-3 (0-1 with pipelines), power-of-two micro-batches, the three checkpointing modes, SP when tp > 1, and
+    for MoE models every expert degree ep dividing dp and the expert count (ZeRO 1-2 only when ep > 1).
     Model, global batch, sequence length and precision stay as configured."""
     tps = [t for t in _divisors(world_size) if t <= (max_tp or max(1, gpus_per_node))]
     for tp in tps:
@@ -91,13 +104,16 @@ def candidates(base: Setup, world_size: int, gpus_per_node: int, max_tp: Optiona
                 continue
             per_dp = base.global_batch // dp
             mbs = [b for b in (1, 2, 4, 8, 16, 32) if per_dp % b == 0]
-            for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):
-                for mb in mbs:
-                    for ckpt in ("none", "selective", "full"):
-                        for sp in ((False, True) if tp > 1 else (False,)):
-                            yield base.with_(tp=tp, pp=pp, dp=dp, zero_stage=zero, micro_batch=mb,
-                                             checkpointing=ckpt, sequence_parallel=sp,
-                                             offload_optimizer=False, offload_param=False)
+            for ep in expert_degrees(base, dp):
+                for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):
+                    if ep > 1 and zero not in (1, 2):
+                        continue
+                    for mb in mbs:
+                        for ckpt in ("none", "selective", "full"):
+                            for sp in ((False, True) if tp > 1 else (False,)):
+                                yield base.with_(tp=tp, pp=pp, dp=dp, ep=ep, zero_stage=zero, micro_batch=mb,
+                                                 checkpointing=ckpt, sequence_parallel=sp,
+                                                 offload_optimizer=False, offload_param=False)
 
 
 def search(base: Setup, hw: Hardware, world_size: int, top: int = 5, peak_flops: Optional[float] = None,

@@ -236,16 +236,27 @@ class Evaluation:
 class ExpertBalance(Callback):
     """MoE models, at every global-batch end (before Metrics reads the record): expert loads summed over the
     data-parallel group, the aux-loss-free bias update, and per-layer load / drop / balance-loss metrics into
-    the step's record (megaseek/model/moe/balance.py)."""
+    the step's record (megaseek/model/moe/balance.py). With pp > 1 each stage holds its own layers: the
+    per-layer metrics are gathered over the pipeline group, so every stage's record (rank 0 writes the sinks)
+    has every MoE layer and `moe/max_load` is the max over the whole model."""
 
-    def __init__(self, model, dp_group):
-        self.model, self.dp_group = model, dp_group
+    def __init__(self, model, dp_group, pp_group=None):
+        self.model, self.dp_group, self.pp_group = model, dp_group, pp_group
 
     def on_step_end(self, t, out: dict) -> None:
         if out.get("rolled_back"):
             return
         from megaseek.model.moe.balance import end_of_global_batch
-        out.update(end_of_global_batch(self.model, self.dp_group))
+        mine = end_of_global_batch(self.model, self.dp_group)
+        if self.pp_group is not None and dist.is_initialized() and dist.get_world_size(self.pp_group) > 1:
+            stages = [None] * dist.get_world_size(self.pp_group)
+            dist.all_gather_object(stages, {k: v for k, v in mine.items() if k != "moe/max_load"},
+                                   group=self.pp_group)
+            mine = {k: v for d in stages for k, v in d.items()}
+            loads = [v for k, v in mine.items() if k.endswith("/max_load")]
+            if loads:
+                mine["moe/max_load"] = max(loads)
+        out.update(mine)
 
 
 class Sampling(Callback):

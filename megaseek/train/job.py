@@ -79,7 +79,7 @@ def powersgd_reducer(section, groups: ParallelGroups, seed: int):
     log0(f"[powersgd] rank {section.rank}, {section.warmup_steps} warm-up steps, error feedback "
          f"{'on' if section.error_feedback else 'off'}, over {groups.dp.size} data-parallel ranks")
     return PowerSGD(groups.dp.group, rank=int(section.rank), warmup_steps=int(section.warmup_steps),
-                    error_feedback=bool(section.error_feedback), seed=seed)
+                    error_feedback=bool(section.error_feedback), seed=seed, log=log0)
 
 
 @dataclass
@@ -184,13 +184,13 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
         log0(f"[pipeline] {layout.pp} stages, layers per stage "
              f"{[b - a for a, b in partition(run.model, layout.pp, run.parallel.partition)]}, "
              f"{layout.grad_accum} micro-batches, 1F1B")
+    reducer = powersgd_reducer(run.parallel.powersgd, groups, run.seed)
     runner = StepRunner(engine, stage, groups, objective or NextTokenObjective(), micro_batch=layout.micro_batch,
-                        seq_len=layout.seq_len, zero_stage=run.zero.stage, device=denv.device,
-                        powersgd=powersgd_reducer(run.parallel.powersgd, groups, run.seed))
+                        seq_len=layout.seq_len, zero_stage=run.zero.stage, device=denv.device, powersgd=reducer)
     manager = CheckpointManager(run_dir, engine, groups, run.model, data.tokenizer_path,
                                 skip_params=[stage.tied_copy] if stage.tied_copy is not None else [],
                                 rng_tracker=stage.rng, keep=run.train.ckpt_keep, native=run.train.ckpt_native,
-                                log=log0)
+                                log=log0, rank_state={"powersgd": reducer} if reducer is not None else None)
     if run.train.init_from and manager.newest() is None:  # a run directory with a checkpoint resumes instead
         from megaseek.ckpt.init_from import load_init_weights
         load_init_weights(run.train.init_from, engine, groups, run.model, log=log0)
@@ -222,7 +222,8 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
         run.train.log_interval, layout.global_batch * layout.seq_len, layout.global_batch, layout.world_size,
         flops, peak, lr_fn=lambda: scheduler.get_last_lr()[0],
         loss_scale_fn=lambda: getattr(engine.optimizer, "cur_scale", None) if fp16 else None,
-        extra=(resume, evaluation) + ((downstream,) if downstream else ()))
+        extra=(resume, evaluation) + ((downstream,) if downstream else ())
+        + ((reducer.metrics_record,) if reducer else ()))  # a PowerSGD warm-up restart at resume
     if downstream:
         downstream.metrics = metrics
     callbacks = [resume,
@@ -237,7 +238,8 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
         callbacks.append(QATConvert(engine.module, run.model, qat_spec(run.train), run_dir, data.tokenizer_path,
                                     denv.rank, log0))
     if run.model.mlp == "moe":  # expert loads, the bias update and MoE metrics, before Metrics reads the record
-        callbacks.insert(callbacks.index(metrics), C.ExpertBalance(engine.module, groups.dp.group))
+        callbacks.insert(callbacks.index(metrics), C.ExpertBalance(engine.module, groups.dp.group,
+                                                                         groups.pp.group))
     trainer = Trainer(runner, data.train, state, run.train.steps, callbacks, log=log0)
     faults.install(trainer, manager, denv.rank, log0)
     return Job(trainer=trainer, engine=engine, stage=stage, groups=groups, layout=layout, run=run, run_dir=run_dir,
