@@ -40,7 +40,7 @@ def _local_params(engine, module) -> dict:
     for n, p in module.named_parameters():
         t = torch.stack([_local_full(engine, p, k) for k in KEYS])  # (3, *p.shape)
         if getattr(p, "expert_parts", None) is not None:
-            per = [per_expert_local(canonical_name(module, n), p, t[i]) for i in range(len(KEYS))]
+            per = [per_expert_local(canonical_name(module, n), p.expert_parts, p.expert_first, t[i]) for i in range(len(KEYS))]
             params.update({e: torch.stack([d[e] for d in per]) for e in per[0]})
         else:
             params[canonical_name(module, n)] = t

@@ -4,11 +4,13 @@ SwiGLU (empty experts included: zero weight gradients); state_dict() speaks per-
 back; the tensor-parallel gather/scatter of the parts are inverse and layout-free. One process, no world."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megaseek.model.moe.experts import LocalExperts, expert_seed, gather_tp_parts, grouped_swiglu, \
+from megaseek.model.moe.experts import PARTS, LocalExperts, expert_seed, gather_tp_parts, grouped_swiglu, \
     shard_tp_parts
 from megaseek.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, TPContext
 from tests.test_moe import moe_cfg
@@ -40,14 +42,15 @@ def test_grouped_weights_are_the_per_expert_layers(ep, ep_rank, tp, tp_rank):
 
 def test_tp_parts_gather_and_shard_are_inverse_and_layout_free():
     full = experts()  # tp = 1
-    for attr in ("gate_up_proj", "down_proj"):
+    for attr, spec in PARTS.items():
         p = getattr(full, attr)
+        assert p.expert_parts == spec and p.expert_first == 0  # what megaseek/ckpt/state.py reads
         shards = [getattr(experts(tp=2, tp_rank=r), attr).detach() for r in range(2)]
-        parts = gather_tp_parts(shards, p)  # the tp = 1 parts, from the two shards
-        assert all(torch.equal(a, b) for a, b in zip(parts, gather_tp_parts([p.detach()], p)))
+        parts = gather_tp_parts(shards, spec)  # the tp = 1 parts, from the two shards
+        assert all(torch.equal(a, b) for a, b in zip(parts, gather_tp_parts([p.detach()], spec)))
         for r in range(2):
-            assert torch.equal(shard_tp_parts(parts, p, 2, r), shards[r])
-        assert torch.equal(shard_tp_parts(parts, p, 1, 0), p.detach())
+            assert torch.equal(shard_tp_parts(parts, spec, 2, r), shards[r])
+        assert torch.equal(shard_tp_parts(parts, spec, 1, 0), p.detach())
 
 
 def _reference(m: LocalExperts, x: torch.Tensor, counts: list) -> torch.Tensor:
@@ -101,3 +104,5 @@ def test_state_dict_is_per_expert_and_loads_back():
     assert torch.equal(other.gate_up_proj, m.gate_up_proj) and torch.equal(other.down_proj, m.down_proj)
     with pytest.raises(RuntimeError, match="Missing"):  # an expert missing: no silent partial load
         other.load_state_dict({k: v for k, v in sd.items() if not k.startswith("5.")})
+    copied = copy.deepcopy(m)  # deepcopy drops parameter attributes (quantization copies models): still per expert
+    assert copied.state_dict().keys() == sd.keys()

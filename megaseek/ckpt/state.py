@@ -169,7 +169,7 @@ def _grouped_expert_state(engine, p, cname: str, groups) -> Iterator[tuple[str, 
         if tp.size > 1:
             shards = [torch.empty_like(t) for _ in range(tp.size)]
             dist.all_gather(shards, t, group=tp.group)
-        full = [x.contiguous() for x in gather_tp_parts(shards, p)]  # [(E_l, rows, cols)]
+        full = [x.contiguous() for x in gather_tp_parts(shards, p.expert_parts)]  # [(E_l, rows, cols)]
         if ep is not None and ep.size > 1:
             every = [[torch.empty_like(x) for _ in range(ep.size)] for x in full]
             for x, out in zip(full, every):
@@ -178,7 +178,7 @@ def _grouped_expert_state(engine, p, cname: str, groups) -> Iterator[tuple[str, 
         parts[key] = full
     first = 0 if ep is not None and ep.size > 1 else p.expert_first
     n = parts[KEYS[0]][0].shape[0]
-    for j, names in enumerate(expert_part_names(cname, p, range(first, first + n))):
+    for j, names in enumerate(expert_part_names(cname, p.expert_parts, range(first, first + n))):
         for k, name in enumerate(names):
             yield name, {key: parts[key][k][j].contiguous() for key in KEYS}
 
@@ -187,7 +187,7 @@ def _local_part_names(cname: str, p) -> list[str]:
     """The per-expert canonical names a grouped expert parameter holds here (its local experts)."""
     from megaseek.model.moe.experts import expert_part_names
     n_local = _local_shape(p)[0]
-    return [n for row in expert_part_names(cname, p, range(p.expert_first, p.expert_first + n_local)) for n in row]
+    return [n for row in expert_part_names(cname, p.expert_parts, range(p.expert_first, p.expert_first + n_local)) for n in row]
 
 
 def iter_full_state(engine, model, groups, skip=()) -> Iterator[tuple[str, dict]]:
@@ -273,4 +273,4 @@ def _load_grouped_experts(engine, p, names: list[str], groups, tensors: dict, lo
     n_parts = len(p.expert_parts)
     for key in KEYS if load_optimizer else ("fp32",):
         full = [torch.stack([tensors[n][key] for n in names[k::n_parts]]) for k in range(n_parts)]  # (E_l, r, c)
-        _set_local_full(engine, p, key, shard_tp_parts(full, p, groups.tp.size, groups.tp.rank).contiguous())
+        _set_local_full(engine, p, key, shard_tp_parts(full, p.expert_parts, groups.tp.size, groups.tp.rank).contiguous())

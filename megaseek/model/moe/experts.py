@@ -62,27 +62,29 @@ def ep_group_name(ep: int) -> str:
 # --- the grouped layout <-> per-expert tensors ---
 GATE_UP_PARTS = (("gate_proj", 0), ("up_proj", 0))  # rows of gate_up_proj[j]; tp splits each part's rows
 DOWN_PARTS = (("down_proj", 1),)                     # down_proj[j] whole; tp splits its columns
+PARTS = {"gate_up_proj": GATE_UP_PARTS, "down_proj": DOWN_PARTS}  # LocalExperts' grouped parameters
 
 
-def expert_part_names(name: str, p, experts) -> list[list[str]]:
-    """Canonical per-expert names of grouped parameter `name` (`...experts.gate_up_proj`): for each global
-    expert e in `experts`, [`...experts.{e}.{part}.weight` for each part]."""
+def expert_part_names(name: str, parts, experts) -> list[list[str]]:
+    """Canonical per-expert names of grouped parameter `name` (`...experts.gate_up_proj`, its `parts`, e.g.
+    GATE_UP_PARTS): for each global expert e in `experts`, [`...experts.{e}.{part}.weight` for each part].
+    (The helpers here take the parts explicitly, not from parameter attributes, which copy.deepcopy drops.)"""
     prefix = name.rpartition(".")[0]  # ...mlp.experts
     prefix = f"{prefix}." if prefix else ""
-    return [[f"{prefix}{e}.{part}.weight" for part, _ in p.expert_parts] for e in experts]
+    return [[f"{prefix}{e}.{part}.weight" for part, _ in parts] for e in experts]
 
 
-def per_expert_local(name: str, p, t: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A tensor shaped like grouped parameter p (its value, a moment, a gradient: this rank's shard) ->
-    {per-expert canonical name: that expert's part (views)}, experts from p.expert_first."""
-    parts = split_local(t, p)
-    rows = expert_part_names(name, p, range(p.expert_first, p.expert_first + t.shape[0]))
-    return {n: parts[k][j] for j, row in enumerate(rows) for k, n in enumerate(row)}
+def per_expert_local(name: str, parts, first: int, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A tensor shaped like a grouped parameter (its value, a moment, a gradient: this rank's shard, global
+    experts from `first`) -> {per-expert canonical name: that expert's part (views)}."""
+    pieces = split_local(t, parts)
+    rows = expert_part_names(name, parts, range(first, first + t.shape[0]))
+    return {n: pieces[k][j] for j, row in enumerate(rows) for k, n in enumerate(row)}
 
 
-def split_local(t: torch.Tensor, p) -> list[torch.Tensor]:
+def split_local(t: torch.Tensor, parts) -> list[torch.Tensor]:
     """A grouped tensor (E_l, R, c) -> its parts, each (E_l, R / n_parts, c) (views)."""
-    return list(t.chunk(len(p.expert_parts), dim=1))
+    return list(t.chunk(len(parts), dim=1))
 
 
 def join_local(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -90,16 +92,16 @@ def join_local(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def gather_tp_parts(shards: list[torch.Tensor], p) -> list[torch.Tensor]:
+def gather_tp_parts(shards: list[torch.Tensor], parts) -> list[torch.Tensor]:
     """Every tensor rank's local grouped tensor (in rank order) -> the full parts (E_l, rows, cols) at tp = 1:
     part k of rank t is the t-th slice of that part along its tensor dim (1 + dim in the grouped tensor)."""
-    per_rank = [split_local(s, p) for s in shards]
-    return [torch.cat([r[k] for r in per_rank], dim=1 + dim) for k, (_, dim) in enumerate(p.expert_parts)]
+    per_rank = [split_local(s, parts) for s in shards]
+    return [torch.cat([r[k] for r in per_rank], dim=1 + dim) for k, (_, dim) in enumerate(parts)]
 
 
-def shard_tp_parts(full_parts: list[torch.Tensor], p, tp_size: int, tp_rank: int) -> torch.Tensor:
+def shard_tp_parts(full_parts: list[torch.Tensor], parts, tp_size: int, tp_rank: int) -> torch.Tensor:
     """Full parts (E_l, rows, cols) -> this tensor rank's local grouped tensor (gather_tp_parts' inverse)."""
-    return join_local([t.chunk(tp_size, dim=1 + dim)[tp_rank] for t, (_, dim) in zip(full_parts, p.expert_parts)])
+    return join_local([t.chunk(tp_size, dim=1 + dim)[tp_rank] for t, (_, dim) in zip(full_parts, parts)])
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
@@ -212,19 +214,18 @@ class LocalExperts(nn.Module):
         return grouped_swiglu(x, self.gate_up_proj, self.down_proj, list(counts))
 
     def _load_per_expert(self, sd, prefix, *_):
-        for attr in ("gate_up_proj", "down_proj"):
-            p = getattr(self, attr)
-            names = expert_part_names(f"{prefix}{attr}", p, range(self.first, self.first + self.n_local))
+        for attr, parts in PARTS.items():
+            names = expert_part_names(f"{prefix}{attr}", parts, range(self.first, self.first + self.n_local))
             if all(n in sd for row in names for n in row):
-                parts = [torch.stack([sd.pop(row[k]) for row in names]) for k in range(len(p.expert_parts))]
-                sd[f"{prefix}{attr}"] = join_local(parts)
+                sd[f"{prefix}{attr}"] = join_local([torch.stack([sd.pop(row[k]) for row in names])
+                                                    for k in range(len(parts))])
 
 
 def _save_per_expert(mod: LocalExperts, sd, prefix, _meta):
     """state_dict(): each grouped parameter as this rank's per-expert shards under the global expert names."""
-    for attr in ("gate_up_proj", "down_proj"):
+    for attr, parts in PARTS.items():
         key, p = f"{prefix}{attr}", getattr(mod, attr)
         if key not in sd or tuple(sd[key].shape) != tuple(p.shape) or p.dim() != 3:  # ZeRO-3 placeholder
             continue
-        sd.update(per_expert_local(key, p, sd.pop(key)))
+        sd.update(per_expert_local(key, parts, mod.first, sd.pop(key)))
     return sd
