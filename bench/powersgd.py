@@ -4,6 +4,7 @@ by PowerSGD rank r with error feedback, and without it. Prints the loss (mean of
 relative to the plain run and the bytes per step relative to the plain all-reduce (collective counter).
 
     python bench/powersgd.py --data-root DIR [--steps 300] [--rank 4] [--warmup 10] [--hidden 64 ...]
+                             [--optimizer adamw|sgd] [--lr LR]
 
 DIR is a prepared data root (`python launch/prepare_data.py data.root=DIR`); its shards fix the vocab.
 """
@@ -36,7 +37,10 @@ def _train(rank, world, args, variant):
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
                       num_kv_heads=2, intermediate_size=2 * args.hidden, max_seq_len=args.seq)
     model = Decoder(cfg, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
+    if args.optimizer == "sgd":  # the paper's setting: momentum SGD on the (compressed) mean gradient
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr or 0.3, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr or 3e-3, betas=(0.9, 0.95), weight_decay=0.01)
     warm = 10 ** 9 if variant == "plain" else args.warmup
     red = PowerSGD(rank=args.rank, warmup_steps=warm, error_feedback=(variant != "powersgd_no_ef"))
     n_windows = (len(stream) - 1) // (args.seq + 1)
@@ -73,6 +77,8 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--lr", type=float, default=None, help="default 3e-3 (adamw), 0.3 (sgd)")
     args = p.parse_args(argv)
     shards = sorted(glob.glob(os.path.join(args.data_root, "tokenized", "*", "*", "part-*.json")))
     if not shards:
@@ -83,7 +89,7 @@ def main(argv=None):
     tail = {v: sum(r["losses"][-20:]) / len(r["losses"][-20:]) for v, r in res.items()}
     plain_bytes = res["plain"]["bytes"][-1]
     for v, r in res.items():
-        print(json.dumps({"variant": v, "rank": args.rank, "steps": args.steps, "first_loss": r["losses"][0],
+        print(json.dumps({"variant": v, "optimizer": args.optimizer, "rank": args.rank, "steps": args.steps, "first_loss": r["losses"][0],
                           "loss_last20": tail[v], "loss_vs_plain": tail[v] / tail["plain"],
                           "bytes_per_step": r["bytes"][-1], "bytes_vs_plain": r["bytes"][-1] / plain_bytes,
                           "time_s": round(r["time_s"], 1)}))

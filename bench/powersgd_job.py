@@ -4,7 +4,12 @@ with `parallel.powersgd.rank=R` (error feedback on, and optionally off). Prints 
 last 20 logged steps) relative to the plain run, and its bytes per step (`comm_bytes`, the collective
 counter, after warm-up) relative to the plain run's.
 
-    python bench/powersgd_job.py --data-root DIR [--steps 300] [--rank 4] [--warmup 10] [--no-ef] [overrides...]
+    python bench/powersgd_job.py --data-root DIR [--steps 300] [--rank 4] [--warmup 10[,60,...]] [--no-ef]
+                                 [overrides...]
+
+Several warm-up lengths (a comma list) run as separate PowerSGD variants in the same launch; `--no-ef` adds
+an error-feedback-off run for each. Besides the last-20 mean, each line gives the ratio of 20-step loss means
+to the plain run's at steps 60, 100, 150, 200, 250, 300 (`gap`): where the gap opens.
 
 DIR is a data root for the default model (`python launch/prepare_data.py data.root=DIR`); it is prepared
 there on first use. Extra arguments are Hydra overrides applied to every run.
@@ -46,23 +51,34 @@ def main(argv=None):
     p.add_argument("--out", default="runs/bench_powersgd_job")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--warmup", default="10", help="PowerSGD warm-up steps; a comma list runs each")
     p.add_argument("--no-ef", action="store_true", help="also run PowerSGD without error feedback")
     args, overrides = p.parse_known_args(argv)
     from megaseek.distributed.spawn import run_world
     overrides = [f"train.steps={args.steps}", "train.save_interval=100000"] + overrides
-    psgd = [f"parallel.powersgd.rank={args.rank}", f"parallel.powersgd.warmup_steps={args.warmup}"]
-    variants = [("plain", []), ("powersgd", psgd)]
-    if args.no_ef:
-        variants.append(("powersgd_no_ef", psgd + ["parallel.powersgd.error_feedback=false"]))
+    warmups = [int(w) for w in str(args.warmup).split(",")]
+    variants, warm_of = [("plain", [])], {"plain": 0}
+    for w in warmups:
+        psgd = [f"parallel.powersgd.rank={args.rank}", f"parallel.powersgd.warmup_steps={w}"]
+        tag = "" if len(warmups) == 1 else f"_w{w}"
+        variants.append((f"powersgd{tag}", psgd))
+        warm_of[f"powersgd{tag}"] = w
+        if args.no_ef:
+            variants.append((f"powersgd_no_ef{tag}", psgd + ["parallel.powersgd.error_feedback=false"]))
+            warm_of[f"powersgd_no_ef{tag}"] = w
     res = run_world(2, _runs, args.out, args.data_root, variants, overrides, timeout=6 * 3600)[0]
-    last = lambda recs: sum(r["loss"] for r in recs[-20:]) / len(recs[-20:])  # noqa: E731
-    after = lambda recs: sum(r["comm_bytes"] for r in recs[args.warmup + 1:]) / len(recs[args.warmup + 1:])  # noqa: E731
+    mean20 = lambda recs, end: sum(r["loss"] for r in recs[end - 20:end]) / 20  # noqa: E731  (steps end-19..end)
     base = res["plain"]["records"]
     for name, _ in variants:
         recs = res[name]["records"]
-        print(json.dumps({"run": name, "steps": len(recs), "loss_last20": round(last(recs), 4),
-                          "loss_vs_plain": round(last(recs) / last(base), 4),
+        w = max(warm_of[name], max(warmups))  # bytes: after every run's warm-up
+        after = lambda rr: sum(r["comm_bytes"] for r in rr[w + 1:]) / len(rr[w + 1:])  # noqa: E731
+        n = len(recs)
+        print(json.dumps({"run": name, "warmup": warm_of[name], "steps": n,
+                          "loss_last20": round(mean20(recs, n), 4),
+                          "loss_vs_plain": round(mean20(recs, n) / mean20(base, n), 4),
+                          "gap": {s: round(mean20(recs, s) / mean20(base, s), 4)
+                                  for s in (60, 100, 150, 200, 250, 300) if s <= n},
                           "bytes_per_step": round(after(recs)), "bytes_vs_plain": round(after(recs) / after(base), 4),
                           "wall_s": round(res[name]["wall_s"], 1)}))
 

@@ -3,7 +3,9 @@ sizes, on this machine, in this run; MFU against this machine's measured fp32 ma
 
 Both sides run the same step in one process: forward, token cross-entropy, backward, AdamW step (torch's
 fused AdamW on both sides), fp32, the same threads. For each model size and mode the two models alternate
-step by step (ABAB...) so that machine noise hits both alike; the median step time of each is reported.
+step by step (AB BA AB ..) so that machine noise hits both alike; the median step time of each is reported,
+with the median per-pair ratio of process CPU time (robust to descheduling on a loaded machine) and the load
+average.
 Modes: `eager`, and `compiled` = regional torch.compile of the decoder blocks on both sides (ours as
 `train.compile=true` does it, HF's LlamaDecoderLayer modules likewise).
 
@@ -80,19 +82,25 @@ def make_steps(cfg: ModelConfig, ids: torch.Tensor, labels: torch.Tensor, compil
     return step_ours, step_hf
 
 
-def abab(step_o, step_h, steps: int, warmup: int = 2) -> tuple[float, float]:
+def abab(step_o, step_h, steps: int, warmup: int = 2) -> tuple[float, float, float]:
+    """Median step time of each, the two alternating; the order flips every step (AB BA AB ..) so that neither
+    always runs first (after the other's allocations, on a warm or cold cache). Also the median over the
+    pairs of the process-CPU-time ratio hf/ours: on a loaded machine time spent descheduled inflates wall
+    time at random, CPU time much less (at 1 thread it is the step's own compute; with more, OpenMP's
+    spin-waits count too)."""
     for _ in range(warmup):  # warm-up (and compilation) of both
         step_o()
         step_h()
-    to, th = [], []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step_o()
-        to.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        step_h()
-        th.append(time.perf_counter() - t)
-    return statistics.median(to), statistics.median(th)
+    wall = {step_o: [], step_h: []}
+    cpu = {step_o: [], step_h: []}
+    for i in range(steps):
+        for f in ((step_o, step_h) if i % 2 == 0 else (step_h, step_o)):
+            t, c = time.perf_counter(), time.process_time()
+            f()
+            wall[f].append(time.perf_counter() - t)
+            cpu[f].append(time.process_time() - c)
+    cpu_ratio = statistics.median(h / o for o, h in zip(cpu[step_o], cpu[step_h]))
+    return statistics.median(wall[step_o]), statistics.median(wall[step_h]), cpu_ratio
 
 
 CLASSES = (("communication", ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "c10d", "gloo", "nccl")),
@@ -148,7 +156,8 @@ def main():
     torch.set_num_threads(a.threads)
     peak = measure_matmul_peak(seconds=1.0)
     print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s, {a.threads} threads, fp32, median of "
-          f"{a.steps} ABAB steps after 2 warm-up steps")
+          f"{a.steps} ABAB steps after 2 warm-up steps; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
     rows = []
     for name in a.models.split(","):
         cfg = load_cfg(name)
@@ -161,14 +170,15 @@ def main():
             profile(cfg, ids, labels)
         for mode in a.modes.split(","):
             so, sh = make_steps(cfg, ids, labels, compiled=mode == "compiled")
-            to, th = abab(so, sh, a.steps)
+            to, th, cpu_ratio = abab(so, sh, a.steps)
             tok = batch * a.seq
             r = dict(model=name, params=param_counts(cfg)["total"], mode=mode, batch=batch, ours=tok / to, hf=tok / th,
                      mfu_o=fpt * tok / to / peak, mfu_h=fpt * tok / th / peak)
             rows.append(r)
             print(f"{name:5s} {r['params'] / 1e6:7.2f}M b{batch}x{a.seq} {mode:8s}: megaseek {r['ours']:8.0f} tok/s "
                   f"(MFU {r['mfu_o']:5.1%})  HF {r['hf']:8.0f} tok/s (MFU {r['mfu_h']:5.1%})  "
-                  f"ratio {r['ours'] / r['hf']:.3f}", flush=True)
+                  f"ratio {r['ours'] / r['hf']:.3f}  (CPU-time ratio {cpu_ratio:.3f}, load {os.getloadavg()[0]:.1f})",
+                  flush=True)
     print("| model | mode | megaseek tokens/s | HF Llama tokens/s | ratio | MFU megaseek | MFU HF |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

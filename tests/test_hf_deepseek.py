@@ -345,28 +345,30 @@ def test_gqa_moe_checkpoint_loads_and_export_is_refused(tmp_path, data_root):
 
 
 def test_mtp_weights_export_and_import_both_ways(tmp_path, data_root, capsys):
-    """An MLA + MoE model with model.mtp_depth=1: export -> import is bitwise with the MTP depth (mtp.0.*, read
-    back from model.layers.{num_layers}) and the same MTP loss; the directory transformers saves from it
-    (DeepseekV3ForCausalLM holds no MTP layer) imports without MTP, said once and kept in the state; an MTP
-    layer with MoE experts (DeepSeek-V3's) is left out the same way."""
+    """An MLA + MoE model with model.mtp_depth=1 (an MoE MTP block, as DeepSeek-V3's): export -> import is bitwise
+    with the MTP depth (mtp.0.*, experts included, read back from model.layers.{num_layers}) and the same MTP loss;
+    the directory transformers saves from it (DeepseekV3ForCausalLM holds no MTP layer) imports without MTP, said
+    once and kept in the state; an MTP layer whose MLP kind differs from the model's (experts in a dense model's
+    MTP layer) is left out the same way."""
     import json as _json
 
     from safetensors.torch import load_file, save_file
 
-    from megaseek.ckpt.hf import export_hf, import_hf, load_weights, model_config
+    from megaseek.ckpt.hf import export_hf, import_hf, load_weights, model_at, model_config
     from megaseek.model.mtp import mtp_token_losses
     kw = dict(mlp="moe", first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
               moe_intermediate_size=32, mtp_depth=1)
     m = _checkpoint(tmp_path / "ckpt", data_root, **kw)
+    assert hasattr(m.mtp[0].block.mlp, "gate")  # the MTP block of an MoE model is MoE
     out = export_hf(tmp_path / "ckpt", tmp_path / "hf")
     raw = load_file(str(out / "model.safetensors"))
-    assert "model.layers.2.eh_proj.weight" in raw and "model.layers.2.mlp.gate_proj.weight" in raw
+    assert "model.layers.2.eh_proj.weight" in raw and "model.layers.2.mlp.experts.7.down_proj.weight" in raw
+    assert "model.layers.2.mlp.gate.e_score_correction_bias" in raw
     import_hf(out, tmp_path / "back")
     a, b = load_weights(tmp_path / "ckpt"), load_weights(tmp_path / "back")
-    assert any(k.startswith("mtp.0.") for k in a)
+    assert any(k.startswith("mtp.0.block.mlp.experts.") for k in a)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert model_config(tmp_path / "back").mtp_depth == 1
-    from megaseek.ckpt.hf import model_at
     back, _ = model_at(tmp_path / "back")
     batch = {"input_ids": IDS[:, :-1], "labels": IDS[:, 1:]}
     losses = []
@@ -385,11 +387,15 @@ def test_mtp_weights_export_and_import_both_ways(tmp_path, data_root, capsys):
     assert "does not save them" in _json.loads((tmp_path / "no_mtp" / "state.json").read_text())["mtp_dropped"]
     c = load_weights(tmp_path / "no_mtp")
     assert not any(k.startswith("mtp.") for k in c) and all(torch.equal(a[k], c[k]) for k in c)
-    # an MoE MTP layer (as DeepSeek-V3 releases it): left out with its reason
-    moe_mtp = dict(raw, **{f"model.layers.2.mlp.experts.{e}.gate_proj.weight": torch.zeros(32, 64) for e in range(8)})
-    (tmp_path / "hf_moe_mtp").mkdir()
-    save_file(moe_mtp, str(tmp_path / "hf_moe_mtp" / "model.safetensors"))
-    (tmp_path / "hf_moe_mtp" / "config.json").write_text((out / "config.json").read_text())
-    import_hf(tmp_path / "hf_moe_mtp", tmp_path / "moe_mtp")
-    assert "MTP layers have MoE MLPs" in capsys.readouterr().out
-    assert model_config(tmp_path / "moe_mtp").mtp_depth == 0
+    # a dense model whose MTP layer holds experts: left out with its reason
+    d = _checkpoint(tmp_path / "dense", data_root, mtp_depth=1)
+    assert not hasattr(d.mtp[0].block.mlp, "gate")
+    dout = export_hf(tmp_path / "dense", tmp_path / "hf_dense")
+    mixed = dict(load_file(str(dout / "model.safetensors")),
+                 **{f"model.layers.2.mlp.experts.{e}.gate_proj.weight": torch.zeros(32, 64) for e in range(8)})
+    (tmp_path / "hf_mixed").mkdir()
+    save_file(mixed, str(tmp_path / "hf_mixed" / "model.safetensors"))
+    (tmp_path / "hf_mixed" / "config.json").write_text((dout / "config.json").read_text())
+    import_hf(tmp_path / "hf_mixed", tmp_path / "mixed")
+    assert "MTP layers' MLPs are MoE but this model builds dense ones" in capsys.readouterr().out
+    assert model_config(tmp_path / "mixed").mtp_depth == 0

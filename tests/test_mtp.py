@@ -19,8 +19,8 @@ S = 12
 
 
 def _cfg(**kw):
-    return ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                       intermediate_size=64, max_seq_len=32, init_std=0.1, mtp_depth=1, **kw)
+    return ModelConfig(**{**dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 intermediate_size=64, max_seq_len=32, init_std=0.1, mtp_depth=1), **kw})
 
 
 def _batch():
@@ -50,7 +50,7 @@ def _reference(model, b):
             if n <= 0:
                 continue
             seg = slice(a, a + n)
-            x = F.linear(torch.cat([mod.hnorm(h0[r:r + 1, seg]), mod.enorm(model.embed_tokens(ids[r:r + 1, a + 1:a + 1 + n]))],
+            x = F.linear(torch.cat([mod.enorm(model.embed_tokens(ids[r:r + 1, a + 1:a + 1 + n])), mod.hnorm(h0[r:r + 1, seg])],
                                    -1), mod.eh_proj)
             from megaseek.model.layers import rope_at
             cos, sin = rope_at(model.rope_cos, model.rope_sin, n, b["position_ids"][r:r + 1, seg])
@@ -124,6 +124,44 @@ def test_loss_mask_masks_the_mtp_targets_and_refusals():
                      "dpo") is None
 
 
+def test_depth2_with_documents_follows_the_loss_mask():
+    """Depth 2 with document ids and a loss mask (an SFT batch): every depth reads the batch's loss mask, not the
+    previous depth's attention mask; a changed label at a masked position moves no number at any depth."""
+    from megaseek.model.mtp import mtp_token_losses, mtp_targets
+    torch.manual_seed(0)
+    model = Decoder(_cfg(mtp_depth=2)).train()
+    b = _batch()
+    mask = torch.ones_like(b["labels"], dtype=torch.bool)
+    mask[0, :6] = False
+    batch = dict(b, loss_mask=mask)
+    model(b["input_ids"], b["position_ids"], b["document_ids"])
+    losses = mtp_token_losses(model, model._mtp_hidden, batch)
+    assert [t.shape for t in losses] == [(2, S - 1), (2, S - 2)]
+    for k, t in enumerate(losses, start=1):
+        _, tgt = mtp_targets(b["input_ids"], b["labels"], b["document_ids"], k, mask)
+        assert torch.equal(t != 0, tgt >= 0), k  # a loss exactly where the masked target is real
+        assert (t[0, :6 - k] == 0).all() and (t[0, 6 - k:] != 0).any(), k
+    changed = b["labels"].clone()
+    changed[0, 2] = (changed[0, 2] + 1) % 97  # a masked position
+    model(b["input_ids"], b["position_ids"], b["document_ids"])
+    again = mtp_token_losses(model, model._mtp_hidden, dict(batch, labels=changed))
+    assert all(torch.equal(x, y) for x, y in zip(losses, again))
+
+
+def test_eh_proj_takes_the_embedding_half_first():
+    """DeepSeek's released eh_proj (read by Megatron-Core, vLLM, SGLang as eh_proj(cat[enorm(emb), hnorm(h)])):
+    W_k's first h columns multiply the normed embedding."""
+    torch.manual_seed(0)
+    mod = Decoder(_cfg()).mtp[0]
+    with torch.no_grad():
+        mod.eh_proj[:, 32:].zero_()  # only the first half left
+        e, h = torch.randn(1, 3, 32), torch.randn(1, 3, 32)
+        base = mod.project(h, e)
+        assert float(base.abs().max()) > 0
+        assert torch.equal(mod.project(h * 2 + 1, e), base)  # the hidden state reaches only the zeroed half
+        assert not torch.equal(mod.project(h, e * 2 + 1), base)
+
+
 def test_counts_include_the_mtp_module_and_bad_depth_is_refused():
     from megaseek.model.flops import param_counts
     cfg = _cfg()
@@ -181,3 +219,24 @@ def test_mtp_checkpoint_exports_to_hf(tmp_path, data_root):
             assert not mtp_keys and not any("mtp" in k for k in keys)
         with torch.no_grad():
             assert float((m.eval()(IDS)[..., :1001] - hf.eval()(IDS).logits).abs().max()) < 1e-4, kind
+
+
+MOE_MTP = MTP + ["model.mlp=moe", "model.n_routed_experts=8", "model.num_experts_per_tok=2",
+                 "model.moe_intermediate_size=32", "model.bias_update_rate=0.01", "zero.stage=1"]
+
+
+@pytest.mark.slow
+def test_moe_mtp_block_at_ep2_and_pp2_equals_one_process(data_root, tmp_path):
+    """model.mlp=moe: the MTP block is an MoE block (DeepSeek-V3), layer 2 here. Its experts are expert-parallel
+    at ep=2 and on the last stage at pp=2; loss, mtp_loss and its load metric (which the aux-loss-free bias update
+    of every MoE layer reads) equal one process (1e-4)."""
+    base = run_world(1, _train, [(str(tmp_path / "one"), MOE_MTP)], str(data_root))[0][str(tmp_path / "one")]
+    runs = {"ep2": MOE_MTP + ["parallel.ep=2"], "pp2": MOE_MTP + ["parallel.pp=2"]}
+    res = run_world(2, _train, [(str(tmp_path / k), v) for k, v in runs.items()], str(data_root))[0]
+    assert len(base) == 5 and all("moe/L2/max_load" in r and "moe/L1/max_load" in r for r in base)
+    assert base[-1]["pretrain/mtp_loss"] < base[0]["pretrain/mtp_loss"]
+    for k in runs:
+        got = res[str(tmp_path / k)]
+        for a, w in zip(got, base):
+            for key in ("loss", "pretrain/mtp_loss", "moe/L2/max_load", "moe/L0/max_load"):
+                assert abs(a[key] - w[key]) < 1e-4, (k, key, a[key], w[key])

@@ -111,11 +111,13 @@ def test_activation_bytes_by_hand():
     sp = layer_activation_bytes(m, 2, 512, 2, True, 2)
     assert sp["norm"] == (4 + 2) * T * h // 2 + 4 * T // 2 + 2 * T * h  # sharded norm + all-gathered output
     assert sp["full"] == 2 * T * h // 2
-    # the model: 8 layers, no pipeline -> one micro-batch in flight, plus the loss workspace (12 + a) T V/t
+    # the model: 8 layers, no pipeline -> one micro-batch in flight, plus the loss workspace (4 + a) T V/t
     st = Setup(model=m, tp=2, micro_batch=2, global_batch=2, seq_len=512, precision="bf16")
     act = activation_bytes(st, stage_params(m, 2, 1)[0])
     assert padded_vocab(m, 2) == 32000
-    assert act["total"] == 8 * got["none"] + norm + 14 * T * 32000 // 2
+    assert act["total"] == 8 * got["none"] + norm + 6 * T * 32000 // 2
+    # model.fused (eager): the gate/up output (2 i), its gate half's contiguous copy, silu and the product: 5 i
+    assert layer_activation_bytes(replace(m, fused=True), 2, 512, 2, False, 2)["mlp"] == 5 * 2 * T * i // 2
     # 1F1B: stage 0 of 4 holds min(4, m) micro-batches, the last stage one
     st4 = st.with_(pp=4, global_batch=16)
     first, last = stage_params(m, 2, 4)[0], stage_params(m, 2, 4)[-1]

@@ -96,20 +96,24 @@ def test_partition_by_parameters_and_by_active_cost():
     assert partition(m, 2, "parameters") == [(0, 3), (3, 6)]
     # by cost the dense layers are heavy (712,704 FLOPs per token vs 172,032): they go alone (1,425,408 vs 726,528)
     assert partition(m, 2, "cost") == [(0, 2), (2, 6)]
-    # MTP counts on the last stage: its block, W_k and the embedding copy (parameters), block + head (cost)
+    # MTP counts on the last stage: its block (an MoE block: layer 6 >= first_k_dense_replace), W_k and the
+    # embedding copy (parameters); the block's active FLOPs, W_k and one more head (cost)
     mtp = ModelConfig.from_dict(dict(MOE, num_layers=6, first_k_dense_replace=2, intermediate_size=512,
                                      n_routed_experts=32, num_experts_per_tok=1, n_shared_experts=0,
                                      max_seq_len=64, vocab_size=100, mtp_depth=1))
-    assert layer_weights(mtp, "parameters")[2] == last + dense + 2 * h + 2 * h * h + 3 * h + 100 * h
-    assert layer_weights(mtp, "cost")[2] == clast + 6 * (dense + 2 * h * h) + score + 6 * 100 * h
+    assert layer_weights(mtp, "parameters")[2] == last + moe + 2 * h + 2 * h * h + 3 * h + 100 * h
+    assert layer_weights(mtp, "cost")[2] == clast + 6 * (active_moe + 2 * h * h) + score + 6 * 100 * h
+    tied = ModelConfig.from_dict(dict(mtp.to_dict(), tie_embeddings=True))  # MTP reads the head's tied copy
+    assert layer_weights(tied, "parameters")[2] == last + moe + 2 * h + 2 * h * h + 3 * h
     with pytest.raises(ValueError, match="parallel.partition='flops'"):
         partition(m, 2, "flops")
 
 
 @pytest.mark.parametrize("pp", [1, 2])
 def test_planner_counts_mtp_like_the_built_last_stage(pp):
-    """The last stage's parameters with model.mtp_depth=2 equal the real Decoder's stage (at pp=2 it keeps an
-    embedding copy for the MTP inputs), and each depth's kept activations are in the estimate."""
+    """The last stage's parameters with model.mtp_depth=2 (MoE MTP blocks) equal the real Decoder's stage (at pp=2
+    it keeps an embedding copy for the MTP inputs), experts included, and each depth's kept activations are in
+    the estimate."""
     from megaseek.model.decoder import Decoder
     from megaseek.planner.memory import activation_bytes, layer_activation_bytes
     m = ModelConfig.from_dict(dict(MOE, num_layers=3, mtp_depth=2))
@@ -117,11 +121,14 @@ def test_planner_counts_mtp_like_the_built_last_stage(pp):
     lo, hi = partition_of(m, pp)[-1]
     model = Decoder(m, seed=0, first_layer=lo, last_layer=hi, pre=pp == 1, post=True)
     assert stages[-1].params == sum(p.numel() for p in model.parameters())
+    assert stages[-1].experts == sum(p.numel() for n, p in model.named_parameters() if ".experts." in n) > 0
+    assert stages[-1].mtp_moe == 2
     st = Setup(model=m, pp=pp, micro_batch=2, global_batch=2, seq_len=16)
     base = activation_bytes(st.with_(model=ModelConfig.from_dict(dict(MOE, num_layers=3))), stages[-1])
     got = activation_bytes(st, stages[-1])
     T, a = 32, 4
-    per_depth = layer_activation_bytes(m, 2, 16, 1, False, a)["none"] + 4 * a * T * 64 + 4 * T * 1000
+    # an MoE model's MTP block is MoE (layer 3 >= first_k_dense_replace = 1)
+    per_depth = layer_activation_bytes(m, 2, 16, 1, False, a, moe=True)["none"] + 4 * a * T * 64 + (4 * 1000 + 14) * T
     assert got["layers_total"] - base["layers_total"] == 2 * per_depth
 
 

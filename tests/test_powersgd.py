@@ -112,6 +112,10 @@ def test_shapes_and_refusals():
     assert compressed_shape(torch.empty(8, 4, 4), 2) == (8, 16)
     assert compressed_shape(torch.empty(64), 4) is None          # vectors: whole
     assert compressed_shape(torch.empty(6, 6), 4) is None        # (6 + 6) * 4 >= 36: would not shrink
+    assert compressed_shape(torch.empty(16, 16), 4) is None      # 128 numbers instead of 256: not 2x fewer
+    assert compressed_shape(torch.empty(16, 16), 4, min_compression_rate=1) == (16, 16)
+    assert compressed_shape(torch.empty(17, 16), 4) == (17, 16)  # 132 * 2 < 272
+    assert theoretical_ratio([(16, 16), (17, 16)], 4) == pytest.approx((256 + 132) / (256 + 272))
     check_powersgd(4, 10, 0)
     check_powersgd(0, 10, 3)  # off: anything goes
     with pytest.raises(ValueError, match="parallel.powersgd.rank=4 needs zero.stage=0 .* zero.stage=1"):

@@ -1,7 +1,8 @@
 """PPO end to end (launch/ppo.py): on a computable reward (the fraction of 7s in the completion, about 0.1 after
 a short SFT on uniform digit strings) the reward reaches >= 0.4, while the exact KL to the reference of the
-beta = 0.2 run stays <= half of the beta = 0 run's; metrics.jsonl holds every logged quantity; bad input is
-refused by name."""
+beta = 0.2 run stays <= half of the beta = 0 run's; under a length-rewarding variant the missing-EOS penalty keeps
+the EOS rate >= 0.9 while without it the rate falls below 0.5; metrics.jsonl holds every logged quantity; bad
+input is refused by name. Layout equality of the same runs: tests/test_ppo_layouts.py."""
 import random
 import subprocess
 import sys
@@ -27,9 +28,15 @@ def sevens_fraction(completion: str, fields: dict) -> float:
     return text.count("7") / max(len(text), 1)
 
 
-def _sft_checkpoint(run_dir, steps: int = 250, n_digits: int = DIGITS):
+def length_reward(completion: str, fields: dict) -> float:
+    """The length-rewarding variant: min(non-space characters of the completion, MAX_NEW) / MAX_NEW."""
+    return min(len(completion.replace(" ", "")), MAX_NEW) / MAX_NEW
+
+
+def _sft_checkpoint(run_dir, steps: int = 250, n_digits=DIGITS):
     """A policy that answers "count" with `n_digits` uniform random digits then <|end|> (7s about 10%), trained
-    in-process (plain AdamW on the assistant tokens), written as a megaseek checkpoint."""
+    in-process (plain AdamW on the assistant tokens), written as a megaseek checkpoint. `n_digits`: an int, or
+    fn(rng) -> int drawing each answer's length."""
     from megaseek.data.chat import ChatIds, Example, add_chat_tokens, encode_chat, pack, stack
     from megaseek.model.decoder import Decoder
     from megaseek.tasks.sft import write_checkpoint
@@ -39,7 +46,8 @@ def _sft_checkpoint(run_dir, steps: int = 250, n_digits: int = DIGITS):
     rng = random.Random(0)
     exs = []
     for i in range(512):
-        digits = "".join(rng.choice("0123456789") for _ in range(n_digits))
+        n = n_digits(rng) if callable(n_digits) else n_digits
+        digits = "".join(rng.choice("0123456789") for _ in range(n))
         ids, sup = encode_chat(tok, [{"role": "user", "content": "count"}, {"role": "assistant", "content": digits}])
         exs.append(Example(ids, sup, f"sft:{i}"))
     rows = [pack([e], 32, ChatIds.of(tok).pad)[0] for e in exs]
@@ -125,6 +133,39 @@ def test_ppo_raises_the_reward_and_the_kl_penalty_holds_kl(sft):
     # the first epoch of every rollout: log-probs recomputed at the sampling temperature give ratio 1 exactly
     assert all(r["ppo/clip_fraction"] == 0.0 and abs(r["ppo/ratio"] - 1.0) < 1e-6 for r in recs[::2])
     assert all(r["eos_rate"] >= 0.9 for r in recs)
+
+
+def _mixed_length(rng: random.Random) -> int:
+    """SFT answer lengths for the EOS test: 1-5 digits (90%) or 6-8 (10%), so with ppo.max_new_tokens = 6 about
+    12% of the start policy's responses hit the limit without EOS (a start that can still learn either way)."""
+    return rng.randint(1, 5) if rng.random() < 0.9 else rng.randint(6, 8)
+
+
+@pytest.mark.slow
+def test_missing_eos_penalty_keeps_eos_under_a_length_reward(tmp_path):
+    """reward = min(characters, 6) / 6 favours running to the limit (6 tokens, no EOS: 1.0) over 5 digits + EOS
+    (0.83). Without the penalty the EOS rate falls from 0.88 to 0 (measured) and responses hit the limit;
+    with ppo.missing_eos_penalty=1 the no-EOS reward is 0: the responses still grow (3.8 -> 5.8 tokens) but the
+    EOS rate of the last 5 rollouts is >= 0.9 (measured 0.98-0.99; it dips to 0.7-0.8 in rollouts 3-6 before the
+    penalty takes hold). 2 x 40 steps (20 rollouts each)."""
+    _sft_checkpoint(tmp_path / "sft", n_digits=_mixed_length)
+    train = _prompts(tmp_path / "p.jsonl", 64)
+    args = [f"train.init_from={tmp_path / 'sft'}", f"data.train={train}", "train.steps=40", "ppo.kl_coef=0.0",
+            "optimizer.lr=3e-3", "optimizer.min_lr=3e-3", "reward.fn=tests.test_ppo:length_reward"] + \
+        [a for a in PPO_ARGS if not a.startswith(("optimizer.lr", "reward.fn"))]
+    runs = {}
+    for name, pen in (("free", 0.0), ("penalised", 1.0)):
+        launch("ppo", args + [f"ppo.missing_eos_penalty={pen}", f"run_dir={tmp_path / name}"])
+        recs = metrics(tmp_path / name)[::2]  # one record per rollout (2 epochs)
+        runs[name] = ([r["eos_rate"] for r in recs], [r["response_length"] for r in recs])
+    print(f"[ppo eos] eos rate per rollout {({n: [round(x, 2) for x in e] for n, (e, _) in runs.items()})}; "
+          f"response length {({n: [round(x, 1) for x in L] for n, (_, L) in runs.items()})}")
+    (free, free_len), (pen, pen_len) = runs["free"], runs["penalised"]
+    assert free[0] == pen[0] and 0.75 <= free[0] <= 0.95  # the same first rollout: EOS about 0.88
+    tail = lambda xs: sum(xs[-5:]) / 5  # noqa: E731
+    assert tail(free) < 0.5 and tail(free_len) > 5.5  # the length reward wins: no EOS, responses at the limit
+    assert tail(pen) >= 0.9  # the penalty keeps EOS ...
+    assert tail(pen_len) > pen_len[0] + 1.0  # ... while the responses still grow
 
 
 @pytest.mark.slow

@@ -250,9 +250,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> P
     """Turn a Hugging Face LlamaForCausalLM or DeepseekV3ForCausalLM directory into a megaseek checkpoint directory
     (weights only, step 0; tokenizer.json copied when present). DeepseekV3's interleaved RoPE rows are re-laid
     to rotate-half. MTP modules (`num_nextn_predict_layers` at model.layers.{num_hidden_layers + d}, as DeepSeek
-    and our export write them) become model.mtp_depth and mtp.{d}.*; they are left out, with a note printed and
-    kept in the checkpoint's state (`mtp_dropped`), when the weights hold none (transformers does not save
-    them) or when an MTP layer's MLP is MoE (megaseek's MTP block is dense)."""
+    and our export write them) become model.mtp_depth and mtp.{d}.* (an MoE block for MoE models, as DeepSeek-V3's);
+    they are left out, with a note printed and kept in the checkpoint's state (`mtp_dropped`), when the weights
+    hold none (transformers does not save them) or when an MTP layer's MLP is not the kind the model builds
+    there (experts in a dense model's MTP layer, or none in an MoE model's)."""
     import dataclasses
     hf_dir, out = Path(hf_dir), Path(out)
     if not hf_dir.is_dir():
@@ -287,8 +288,10 @@ def _mtp_to_drop(cfg, hf_weights: dict) -> Optional[str]:
     if len(held) < depth:
         return (f"num_nextn_predict_layers={depth} but the weights hold {len(held)} MTP layer(s) "
                 f"(transformers' DeepseekV3ForCausalLM does not save them)")
-    if any(k.startswith(tuple(layers)) and ".mlp.experts." in k for k in hf_weights):
-        return "the MTP layers have MoE MLPs (megaseek's MTP block is a dense SwiGLU)"
+    has_experts = any(k.startswith(tuple(layers)) and ".mlp.experts." in k for k in hf_weights)
+    if has_experts != (cfg.mlp == "moe"):
+        return (f"the MTP layers' MLPs are {'MoE' if has_experts else 'dense'} but this model builds "
+                f"{'MoE' if cfg.mlp == 'moe' else 'dense'} ones there (model.mlp={cfg.mlp})")
     return None
 
 

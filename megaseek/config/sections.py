@@ -63,7 +63,7 @@ class PowerSGDSection:
     """PowerSGD compression of the data-parallel gradient reduction (megaseek/distributed/powersgd.py), at
     zero.stage=0 only. Each matrix gradient (n, m) moves (n + m) * rank numbers instead of n * m."""
     rank: int = 0                    # 0: off (DeepSpeed's plain all-reduce)
-    warmup_steps: int = 10           # the first optimizer steps all-reduce everything (restart on resume)
+    warmup_steps: int = 10           # the first optimizer steps all-reduce everything (state checkpointed)
     error_feedback: bool = True      # carry what the compression dropped into the next step
 
 
@@ -162,6 +162,7 @@ class PPOConfig:
     missing_eos_penalty: float = 0.0
     temperature: float = 1.0
     max_new_tokens: int = 16
+    keep_rollouts: int = 2           # newest rollouts kept in run_dir/rollouts (a resume needs its own); 0: all
 
 
 SCHEMAS = {"train": TrainConfig, "parallel": ParallelConfig, "zero": ZeroConfig, "optimizer": OptimizerConfig,

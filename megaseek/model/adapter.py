@@ -38,12 +38,12 @@ _MTP = re.compile(r"^mtp\.(\d+)\.(.+)$")
 
 def mtp_shapes(cfg) -> dict:
     """Canonical names -> shapes of the multi-token prediction modules (megaseek/model/mtp.py), depth d = 0..D-1:
-    mtp.{d}.{hnorm,enorm,norm}.weight (h,), mtp.{d}.eh_proj (h, 2h) and mtp.{d}.block.<a dense layer's names>."""
+    mtp.{d}.{hnorm,enorm,norm}.weight (h,), mtp.{d}.eh_proj (h, 2h) and mtp.{d}.block.<a layer's names> (an MoE
+    layer's with model.mlp=moe, a dense one's otherwise)."""
     if not getattr(cfg, "mtp_depth", 0):
         return {}
     import dataclasses
-    one = adapter_for(dataclasses.replace(cfg, mlp="swiglu", num_layers=1, mtp_depth=0,
-                                          first_k_dense_replace=0)).expected_shapes()
+    one = adapter_for(dataclasses.replace(cfg, num_layers=1, mtp_depth=0, first_k_dense_replace=0)).expected_shapes()
     block = {n[len("layers.0."):]: s for n, s in one.items() if n.startswith("layers.0.")}
     h, out = cfg.hidden_size, {}
     for d in range(cfg.mtp_depth):

@@ -117,7 +117,8 @@ class Decoder(nn.Module):
                 raise ValueError(f"model.mtp_depth={cfg.mtp_depth} with parallel.sequence_parallel=true: the MTP "
                                  f"modules need whole sequences; set one of them off")
             from megaseek.model.mtp import MTPModule
-            self.mtp = nn.ModuleList(MTPModule(cfg, ctx, k, seed, rng, Block) for k in range(1, cfg.mtp_depth + 1))
+            self.mtp = nn.ModuleList(MTPModule(cfg, ctx, k, seed, rng, Block, ep=ep)
+                                     for k in range(1, cfg.mtp_depth + 1))
         cos, sin = model_rope_tables(cfg)  # plain RoPE or YaRN (megaseek/model/rope.py)
         self.register_buffer("rope_cos", cos, persistent=False)  # (s_max, d)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -13,7 +13,6 @@ attention sub-layer only.
 """
 from __future__ import annotations
 
-import dataclasses
 
 from megaseek.model.config import ModelConfig
 from megaseek.model.spec import attention_cls, layer_params
@@ -30,12 +29,13 @@ def param_counts(cfg: ModelConfig) -> dict:
     matmul = sum(lp["matmul"] for lp in layers) + cfg.vocab_size * h  # the head is a matmul, tied or not
     active = embed + sum(lp["active"] for lp in layers) + h + head
     active_matmul = sum(lp["active_matmul"] for lp in layers) + cfg.vocab_size * h
-    if cfg.mtp_depth:  # per depth: W_k (h, 2h), 3 norms, one dense block; the shared head runs once more
-        blk = layer_params(dataclasses.replace(cfg, mlp="swiglu"), cfg.num_layers)
-        mtp, mtp_mm = cfg.mtp_depth * (blk["total"] + 2 * h * h + 3 * h), cfg.mtp_depth * (blk["matmul"] + 2 * h * h)
-        total, active = total + mtp, active + mtp
-        matmul += mtp_mm + cfg.mtp_depth * cfg.vocab_size * h
-        active_matmul += mtp_mm + cfg.mtp_depth * cfg.vocab_size * h
+    if cfg.mtp_depth:  # per depth: W_k (h, 2h), 3 norms, the block of layer num_layers + k - 1 (MoE with
+        # mlp=moe: a token uses its k routed experts); the shared head runs once more
+        D, blk = cfg.mtp_depth, layer_params(cfg, cfg.num_layers)
+        total += D * (blk["total"] + 2 * h * h + 3 * h)
+        active += D * (blk["active"] + 2 * h * h + 3 * h)
+        matmul += D * (blk["matmul"] + 2 * h * h + cfg.vocab_size * h)
+        active_matmul += D * (blk["active_matmul"] + 2 * h * h + cfg.vocab_size * h)
     return {"total": total, "embedding": embed, "per_layer": per_layer, "matmul": matmul,
             "non_embedding": total - embed, "active": active, "active_matmul": active_matmul}
 

@@ -105,13 +105,19 @@ def row_generator(seed: int, row_id: int) -> torch.Generator:
 
 
 def choose_tokens(z: torch.Tensor, cfg: SamplingConfig, gens: list, seen: list) -> torch.Tensor:
-    """(b,) next tokens from full-vocabulary logits (b, V)."""
+    """(b,) next tokens from full-vocabulary logits (b, V).
+
+    Sampling runs in float64 on the upcast logits: token v is drawn iff F_{v-1} <= u F_V < F_v (F the cumulative
+    sum of softmax(z / T) in id order), so two layouts whose logits differ by |dz| <= eps (tensor-parallel
+    reduction order, ZeRO's averaged gradients) pick different tokens only when u lands in the gap between their
+    boundaries: P(differ) <= sum_v |dF_v| <= 2 eps sum_v min(F_v, 1 - F_v) per draw. In float32 the cumulative
+    sum itself would add rounding of ~sqrt(V) ulp to every boundary, more than eps for a large vocabulary."""
     z = apply_repetition_penalty(z.float(), seen, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return z.argmax(-1)
-    z = filter_logits(z / cfg.temperature, cfg.top_k, cfg.top_p)
+    z = filter_logits(z.double() / cfg.temperature, cfg.top_k, cfg.top_p)  # (b, V) float64
     cdf = torch.softmax(z, dim=-1).cumsum(-1)  # (b, V)
-    u = torch.stack([torch.rand((), generator=g) for g in gens]).to(z.device)  # (b,)
+    u = torch.stack([torch.rand((), generator=g) for g in gens]).to(z.device, torch.float64)  # (b,) the float32 draws
     tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
     return tok.clamp(max=z.shape[-1] - 1)
 

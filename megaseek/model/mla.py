@@ -7,7 +7,7 @@ d_r = qk_rope_head_dim, d_v = v_head_dim, d_qk = d_n + d_r.
     kv:     [c_kv | k_r] = x W_kva  (b, s, r + d_r); c_kv = RMSNorm(c_kv)
             [k_n | v] = c_kv W_kvb  (b, s, n (d_n + d_v))
     per head:  q = [q_n | RoPE(q_r)],  k = [k_n | RoPE(k_r)] (k_r shared by every head),  o = softmax(q k^T * scale) v
-    scale = d_qk^-1/2 (DeepSeek's; YaRN context extension, which multiplies it by mscale^2, is not supported yet)
+    scale = d_qk^-1/2 (DeepSeek's), times mscale(f, m_all)^2 under YaRN (megaseek/model/rope.py)
     y = [o_1 .. o_n] W_o
 
 Tensor parallelism (Megatron-Core's MLA split): the down-projections W_qa, W_kva and their norms are replicated

@@ -3,10 +3,12 @@
 Depth k = 1..D predicts token t_{i+k+1} at position i. With h^0 the main model's last hidden states (before the
 final norm) and Emb the model's own (vocab-parallel) embedding:
 
-    h'^k_i = W_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))]      W_k: (h, 2h), replicated on tensor ranks
+    h'^k_i = W_k [RMSNorm_e(Emb(t_{i+k})); RMSNorm_h(h^{k-1}_i)]  W_k: (h, 2h), replicated on tensor ranks
     h^k    = Block_k(h'^k) over positions i in [0, s - k)          causal, same documents, same RoPE positions
     p^k_i  = softmax(Head(RMSNorm(h^k_i)))                         the main LM head (shared, vocab-sharded)
 
+The embedding half comes first in W_k's columns, as in DeepSeek's released weights (`eh_proj`, read by
+Megatron-Core, vLLM and SGLang as eh_proj(cat[enorm(emb), hnorm(h)])); the paper writes the two the other way.
 The depth-k input token t_{i+k} is input_ids[:, i+k] (labels[:, i+k-1] on a last pipeline stage, which gets no
 token ids: see mtp_targets) and the target t_{i+k+1} is labels[:, i+k] (labels[:, j] = t_{j+1}, -100 where not learned). A position counts
 where that label is real and position i+k is in the same document as i; a masked label (an SFT prompt token)
@@ -18,16 +20,17 @@ divided, like every loss term, by the global count of the objective's units (the
 reported as the metric `mtp_loss` (the unweighted (1 / D) sum_k sum_i CE, so divided by that count it is the
 mean depth loss per main token).
 
-Block_k's MLP is the dense SwiGLU of `intermediate_size` (DeepSeek-V3 uses an MoE block here; an MoE layer
-outside the main stack would need its own expert-parallel names in checkpoints). Its weights are drawn from
-the seed of layer `num_layers + k - 1`, so every layout builds the same full weights. With pp > 1 the last
+Block_k is the block of layer `num_layers + k - 1`: with model.mlp=moe an MoE block (DeepSeek-V3's MTP module:
+shared + routed experts, its own router and correction bias, expert-parallel like the main stack's, named
+mtp.{k-1}.block.mlp.experts.{e}.* in checkpoints; its loads move its bias and appear as moe/L{num_layers+k-1}),
+otherwise the dense SwiGLU. Its weights are drawn from the seed of that layer, so every layout builds the same
+full weights. With pp > 1 the last
 stage keeps a copy of the embedding whose gradient is summed with the first stage's (engine/stage.py), as for
 tied embeddings. Sequence parallelism is refused (the hidden states would be split along the sequence), and
 so are objectives other than next-token ones (pretrain, sft): `check_mtp`, before any work.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -60,21 +63,23 @@ def check_mtp(cfg, seq_len: int, sequence_parallel: bool, objective: str) -> Opt
 class MTPModule(nn.Module):
     """One depth k: the two norms, the projection W_k, one block and the norm before the shared head."""
 
-    def __init__(self, cfg, ctx: TPContext, k: int, seed: int, rng, block_cls):
+    def __init__(self, cfg, ctx: TPContext, k: int, seed: int, rng, block_cls, ep=None):
         super().__init__()
         h = cfg.hidden_size
         layer = cfg.num_layers + k - 1
         self.hnorm = RMSNorm(h, cfg.norm_eps, ctx)
         self.enorm = RMSNorm(h, cfg.norm_eps, ctx)
         self.eh_proj = nn.Parameter(master_normal((h, 2 * h), cfg.init_std, seed + 1000 * (layer + 1) + 21))  # unused offset
-        dense = dataclasses.replace(cfg, mlp="swiglu")
-        self.block = block_cls(dense, ctx, layer, seed, rng)
+        self.block = block_cls(cfg, ctx, layer, seed, rng, ep=ep)  # MoE when mlp=moe (layer >= first_k_dense_replace)
         self.norm = RMSNorm(h, cfg.norm_eps, ctx)
+
+    def project(self, h_prev: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """h'^k = W_k [enorm(emb); hnorm(h_prev)]: (b, n, h) x 2 -> (b, n, h), embedding half first."""
+        return F.linear(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1), self.eh_proj)  # (b, n, 2h) -> (b, n, h)
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos, sin, mask) -> torch.Tensor:
         # h_prev, emb: (b, n, h) -> (b, n, h)
-        x = F.linear(torch.cat([self.hnorm(h_prev), self.enorm(emb)], dim=-1), self.eh_proj)
-        return self.block(x, cos, sin, mask)
+        return self.block(self.project(h_prev, emb), cos, sin, mask)
 
 
 def mtp_targets(input_ids: Optional[torch.Tensor], labels: torch.Tensor, document_ids: Optional[torch.Tensor],
@@ -115,9 +120,9 @@ def mtp_token_losses(model, hidden: torch.Tensor, batch: dict) -> list[torch.Ten
         n = s - k
         inp, tgt = mtp_targets(ids, labels, docs, k, mask)
         d = docs[:, :n].to(hidden.device) if docs is not None else None
-        mask = attention_mask(d, d, 0) if d is not None else None  # (b, 1, n, n), or causal by default
+        attn = attention_mask(d, d, 0) if d is not None else None  # (b, 1, n, n), or causal by default
         cos, sin = rope_at(model.rope_cos, model.rope_sin, n, pos[:, :n].to(hidden.device) if pos is not None else None)
-        h_k = mod(h_prev[:, :n], model.embed_tokens(inp), cos, sin, mask)  # (b, n, h)
+        h_k = mod(h_prev[:, :n], model.embed_tokens(inp), cos, sin, attn)  # (b, n, h)
         z = F.linear(model.ctx.enter(mod.norm(h_k)), model.head_weight())  # (b, n, V_pad/p)
         z = mask_padded_logits(z, model.cfg.vocab_size, model.vocab_start)
         out.append(model.token_losses(z, tgt))

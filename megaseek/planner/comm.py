@@ -16,7 +16,8 @@ backward and reduce-scatter every micro-batch (3 m Psi).  All times (n-1)/n.
 Expert parallel (ep = e > 1, MoE layers): per micro-batch and MoE layer each rank sends its T k assignment
 rows (T = b s tokens, the full sequence on every tensor rank; h values of w bytes each) through 4 all-to-alls:
 dispatch and combine forward, their gradients backward (+2 with full recomputation, which re-runs the
-forward). Logical volume 4 T k h w per layer per micro-batch; on the wire (e-1)/e of it leaves the rank
+forward; an MoE MTP block on the last stage counts 4, it is never recomputed). Logical volume 4 T k h w per
+layer per micro-batch; on the wire (e-1)/e of it leaves the rank
 (uniform routing; bench/moe.py measures the routed figure). The routed experts' gradients are reduced over the
 expert-data-parallel group (D/e ranks), the other parameters' over D.
 
@@ -76,11 +77,12 @@ def estimate_comm(st: Setup, hw: Hardware) -> Comm:
     dp_ops = dense_ops + expert_ops
     dp_wire = ((D - 1) / D * dense_ops if D > 1 else 0.0) + ((De - 1) / De * expert_ops if De > 1 else 0.0)
 
-    moe_layers = max(s.moe_layers for s in stages)
+    per_layer = 4 + (2 if st.checkpointing == "full" else 0)  # MTP blocks: 4 (not recomputed)
+    ops = max(per_layer * s.moe_layers + 4 * s.mtp_moe for s in stages)
     ep_ops = 0.0
-    if st.ep > 1 and moe_layers:
+    if st.ep > 1 and ops:
         rows = st.micro_batch * st.seq_len * m.num_experts_per_tok  # assignments this rank sends
-        ep_ops = (4 + (2 if st.checkpointing == "full" else 0)) * moe_layers * rows * m.hidden_size * a * mb
+        ep_ops = ops * rows * m.hidden_size * a * mb
     ep_wire = (st.ep - 1) / st.ep * ep_ops
 
     pp_ops = 2.0 * mb * act / (t if st.sp else 1) if st.pp > 1 else 0.0

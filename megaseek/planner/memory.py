@@ -104,15 +104,15 @@ def stage_ranges(m: ModelConfig, pp: int, method: str = "parameters") -> list[tu
     return partition(m, pp, method)
 
 
-def mtp_params(m: ModelConfig, tp: int, pp: int) -> int:
-    """Multi-token prediction on the last stage, per tensor rank (megaseek/model/mtp.py): per depth a dense
-    block (3 h i / t SwiGLU), W_k (h, 2h) replicated, 3 norms; with pp > 1 (and no tied copy already there)
-    the stage also keeps a copy of the vocab-parallel embedding for the depths' input tokens."""
+def mtp_params(m: ModelConfig, tp: int, pp: int, ep: int = 1) -> int:
+    """Multi-token prediction on the last stage, per tensor rank (megaseek/model/mtp.py): per depth the block
+    of layer num_layers + k - 1 (MoE with mlp=moe: E/ep routed experts; else the dense SwiGLU), W_k (h, 2h)
+    replicated, 3 norms; with pp > 1 (and no tied copy already there) the stage also keeps a copy of the
+    vocab-parallel embedding for the depths' input tokens."""
     if not m.mtp_depth:
         return 0
-    import dataclasses
     h = m.hidden_size
-    block = layer_params(dataclasses.replace(m, mlp="swiglu"), tp)
+    block = layer_params(m, tp, m.num_layers, ep)
     emb = padded_vocab(m, tp) * h // tp if pp > 1 and not m.tie_embeddings else 0
     return m.mtp_depth * (block + 2 * h * h + 3 * h) + emb
 
@@ -131,6 +131,7 @@ class StageParams:
     head: bool
     experts: int = 0     # of `params`: routed-expert weights (ZeRO shards them over dp / ep, not dp)
     moe_layers: int = 0
+    mtp_moe: int = 0     # MoE MTP blocks on this (the last) stage: their own all-to-alls, never recomputed
 
 
 _STAGE_CACHE: dict = {}
@@ -155,8 +156,10 @@ def _stage_params(m: ModelConfig, tp: int, pp: int, method: str, ep: int = 1) ->
             n += vp * h // tp                      # embedding (or the tied copy on the last stage)
         if last:
             n += h + (0 if m.tie_embeddings else vp * h // tp)  # final norm + LM head
-            n += mtp_params(m, tp, pp)
-        out.append(StageParams(s, hi - lo, n, first, last, experts, moe))
+            n += mtp_params(m, tp, pp, ep)
+            experts += m.mtp_depth * expert_params(m, tp, ep, m.num_layers)
+        mtp_moe = m.mtp_depth if last and is_moe_layer(m, m.num_layers) else 0
+        out.append(StageParams(s, hi - lo, n, first, last, experts, moe, mtp_moe))
     return out
 
 
@@ -176,7 +179,11 @@ def layer_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a:
     if m.attention == "gqa" and getattr(m, "fused", False) and m.num_kv_heads >= tp:
         # model.fused: v is a view of the one qkv GEMM output, so its whole (nh + 2 kv) d storage stays saved
         attn += a * T * (nh_l + kv_l) * d
-    mlp = 4 * a * T * i // tp
+    # gate and up outputs, silu(gate), the product (saved by down_proj); model.fused (dense gqa + swiglu) keeps
+    # the one gate/up GEMM output (2 i), a contiguous copy of its gate half and silu(gate) (layers.py
+    # _SwiGLUInterleaved), plus the product
+    from megaseek.model.layers import fused_dense
+    mlp = (5 if fused_dense(m) else 4) * a * T * i // tp
     if moe:  # gate, silu, up, product of the T k routed rows and the T shared rows (i_moe / t wide), plus the
         # sorted assignment rows, the expert outputs and their weighted copy for the combine (3 a T k h)
         k, im = m.num_experts_per_tok, m.moe_intermediate_size
@@ -190,21 +197,18 @@ def layer_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a:
 
 
 def head_activation_bytes(m: ModelConfig, b: int, s: int, tp: int, sp: bool, a: int, cpu: bool = False) -> dict:
-    """Final norm and loss of the last stage: the saved fp32 log-softmax / softmax, and the workspace at the
-    loss's peak, in bytes per local logit:
-      tp > 1 (vocab-parallel CE): logits (a) + shifted, exp and softmax in fp32 (12)        = 12 + a
-      tp = 1 (F.cross_entropy):   backward holds the log-softmax, the NLL gradient and the log-softmax
-                                  gradient (12); on CPU the NLL gradient is a zero-filled allocation
-                                  whose pages are never written (calloc), so forward's logits + fp32
-                                  copy + log-softmax (8 + a, or 8 for fp32) set the peak."""
+    """Final norm and loss of the last stage (megaseek/tensor_parallel/cross_entropy.py, every tp): the saved
+    fp32 exp(z - max), and the workspace at the loss's peak, in bytes per local logit: the logits (a) and one
+    fp32 tensor (the shifted copy, exponentiated in place, turned into the gradient in place by backward;
+    in fp32 the logits are read, not copied) = 4 + a; the gradient's cast back to a 16-bit dtype (a) comes
+    once the logits are freed. (`cpu` is kept for callers; the loss allocates the same on every device.)"""
     T = b * s
     norm = layer_activation_bytes(m, b, s, tp, sp, a)["norm"]
     v_local = padded_vocab(m, tp) // tp
-    if tp > 1:
-        per_logit = 12 + a
-    else:
-        per_logit = (8 + (a if a < 4 else 0)) if cpu else 12
-    return {"norm": norm, "logits_saved": 4 * T * v_local, "logits": per_logit * T * v_local}
+    per_logit = 4 + a
+    # the cross-entropy saves exp(z - max) (fp32, T V/p) and per token its sum (4), the local target (8) and two
+    # masks (1 + 1) (tensor_parallel/cross_entropy.py)
+    return {"norm": norm, "logits_saved": 4 * T * v_local + 14 * T, "logits": per_logit * T * v_local}
 
 
 def activation_bytes(st: Setup, stage: StageParams, cpu: bool = False) -> dict:
@@ -222,7 +226,8 @@ def activation_bytes(st: Setup, stage: StageParams, cpu: bool = False) -> dict:
     if stage.head and m.mtp_depth:  # per depth, kept until backward: its dense block (never recomputed), the
         # normed hidden and embedded inputs and their (T, 2h) concatenation, its loss's fp32 log-softmax
         T, h = st.micro_batch * st.seq_len, m.hidden_size
-        kept += m.mtp_depth * (per["none"] + 4 * a * T * h + head["logits_saved"]) * in_flight
+        blk = per_moe if is_moe_layer(m, m.num_layers) else per
+        kept += m.mtp_depth * (blk["none"] + 4 * a * T * h + head["logits_saved"]) * in_flight
     # the loss workspace exists only at the end of the forward / start of the backward; recompute later
     total = kept + max(head["norm"] + head["logits"], recompute)
     return {"per_layer": per[st.checkpointing], "layers": stage.layers, "in_flight": in_flight,

@@ -57,15 +57,15 @@ def add_model_losses(model, parts: LossParts, batch: Optional[dict] = None) -> L
     from megaseek.model.moe.balance import moe_layers
     from megaseek.model.mtp import take_mtp_loss
     metrics, loss_sum = dict(parts.metrics), parts.loss_sum
+    mtp = take_mtp_loss(model, batch) if batch is not None else None  # first: an MoE MTP block has a balance loss
+    if mtp is not None:  # lambda / D * sum of the depth losses (megaseek/model/mtp.py)
+        loss_sum = loss_sum + mtp[0]
+        metrics["mtp_loss"] = mtp[1]
     terms = [t for t in (m.take_aux_loss() for m in moe_layers(model)) if t is not None]
     if terms:
         aux = torch.stack(terms).sum()
         metrics["moe_aux_loss"] = aux.detach()
         loss_sum = loss_sum + aux
-    mtp = take_mtp_loss(model, batch) if batch is not None else None
-    if mtp is not None:  # lambda / D * sum of the depth losses (megaseek/model/mtp.py)
-        loss_sum = loss_sum + mtp[0]
-        metrics["mtp_loss"] = mtp[1]
     if loss_sum is parts.loss_sum:
         return parts
     return LossParts(loss_sum=loss_sum, count=parts.count, metrics=metrics)

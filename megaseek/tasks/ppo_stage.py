@@ -22,7 +22,8 @@ ppo.missing_eos_penalty without EOS), per-token KL (ppo.kl_estimator), shaped re
 critic values, GAE; the advantages are whitened with statistics all-reduced over the data-parallel group;
 then the rows are gathered over data parallelism (rank order = global order) and epoch e serves minibatches
 of a row order seeded by (seed, k, e). beta is updated after each rollout (ppo.kl_target > 0: adaptive).
-Each rollout is written to run_dir/rollouts/ so a run resumed mid-rollout trains on the same rows.
+Each rollout is written to run_dir/rollouts/ (the newest ppo.keep_rollouts kept; 0: all) so a run resumed
+mid-rollout trains on the same rows.
 """
 from __future__ import annotations
 
@@ -182,7 +183,8 @@ class PPOLoader:
         tmp = self._file(k).with_suffix(".tmp")
         torch.save({"batch": r.batch, "samples": r.samples}, tmp)
         tmp.replace(self._file(k))
-        for old in sorted(self.dir.glob("rollout-*.pt"))[:-2]:
+        keep = int(self.p.get("keep_rollouts", 2))
+        for old in (sorted(self.dir.glob("rollout-*.pt"))[:-keep] if keep > 0 else []):
             old.unlink()
 
     def load(self, k: int):

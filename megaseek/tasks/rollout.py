@@ -3,7 +3,10 @@ training rows with the old policy's and the frozen reference's per-token log-pro
 
 Sampling is keyed on (seed, step, global sample index), never on the layout: sample i of rollout `step` draws
 from `row_generator(rollout_seed(seed, step), i)` (megaseek/model/generate.py), so a data-parallel split,
-tensor degree or batch composition changes no token. Generation stops at a stop token (kept: the row learns to
+tensor degree or batch composition changes no draw. What a layout can change is the float rounding of the logits
+(tensor-parallel reduction order; after training steps, Adam's amplification of gradient rounding where |g| ~ eps):
+a token then differs only if its draw lands between the two layouts' CDF boundaries, P <= sum_v |dF_v| per draw
+(`choose_tokens`; measured ~1e-5 per draw at tp=2 after 4 PPO steps, tests/test_ppo_layouts.py). Generation stops at a stop token (kept: the row learns to
 end) or at `max_new_tokens`; nothing after the stop token is kept.
 
 Row layout of sample i (prompt p of P tokens, response y of R tokens, right-padded to seq_len):

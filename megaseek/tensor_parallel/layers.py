@@ -179,8 +179,18 @@ class FusedColumnParallelLinear(nn.Module):
         self.weight.fused_parts = tuple((name, n) for (name, _, _), n in zip(parts, self.per_group))
         self.weight.fused_groups = groups
 
-    def forward(self, x_parallel: torch.Tensor) -> list[torch.Tensor]:
-        y = F.linear(x_parallel, self.weight)  # (..., G/p * R), R = sum_j out_j/G
+    def forward(self, x_parallel: torch.Tensor, layout: str = "parts"):
+        """layout "parts": one view (..., G/p, out_j/G) per part; "flat": the GEMM's output (..., G/p * R) as
+        one tensor, R = sum_j out_j/G; "part_major": the weight's rows reordered part by part first (a row copy
+        of the weight), so each part's output is one contiguous column block (..., G/p * out_j/G) -- for a
+        compiler, whose kernels on interleaved columns run scalar. The same values in every layout. Always
+        called as the module (hooks such as ZeRO-3's parameter gathering run)."""
+        if layout == "part_major":
+            w = torch.cat(split_full(self.weight, self.local_groups, self.per_group))  # (sum_j G/p out_j/G, in)
+            return F.linear(x_parallel, w).split([self.local_groups * n for n in self.per_group], dim=-1)
+        y = F.linear(x_parallel, self.weight)  # (..., G/p * R)
+        if layout == "flat":
+            return y
         y = y.view(*y.shape[:-1], self.local_groups, sum(self.per_group))  # (..., G/p, R)
         return y.split(self.per_group, dim=-1)  # views (..., G/p, out_j/G), one per part
 

@@ -93,6 +93,9 @@ def end_of_global_batch(model, group=None) -> dict:
         n = m.expert_stats.n
         load, (dropped, assigned, aux, aux_n) = row[:n], row[n:].tolist()
         mean = float(load.mean())
+        if assigned == 0:  # the layer saw no token this global batch (an MTP block on a step without MTP)
+            m.expert_stats.reset()
+            continue
         if m.cfg.balance == "aux_free" and m.cfg.bias_update_rate > 0 and mean > 0:
             bias = m.gate.e_score_correction_bias
             bias += (m.cfg.bias_update_rate * torch.sign(mean - load)).to(bias)
@@ -103,5 +106,7 @@ def end_of_global_batch(model, group=None) -> dict:
             out[f"{key}/aux_loss"] = aux / aux_n
         m.last_load = load.clone()
         m.expert_stats.reset()
-    out["moe/max_load"] = max(v for k, v in out.items() if k.endswith("/max_load"))
+    loads = [v for k, v in out.items() if k.endswith("/max_load")]
+    if loads:
+        out["moe/max_load"] = max(loads)
     return out
