@@ -8,6 +8,10 @@ same routing: the first losses are checked equal), each step = forward, token cr
 (fused) step, fp32. The two alternate step by step (ABAB...) so machine noise hits both alike; the median step
 time of each gives tokens/s and the ratio ours / HF (target >= 1.0).
 
+The MoE block alone (the first MoE layer of both models, same weights): forward + backward of a (batch, seq, h)
+input, ABAB, median: the routed experts' share of the step (ours: grouped weights, one autograd Function over
+the rows grouped by expert, megaseek/model/moe/experts.py; transformers: its experts implementation).
+
 Part 2 (2 ranks, parallel.ep=2): the same model built by build_stage with E/2 routed experts per rank; one
 forward + backward per step, the collectives counted by megaseek/monitor/comm.py (CommTimer.take_bytes: the
 bytes of every tensor handed to a collective, input and output buffers). Per MoE layer and step the model runs
@@ -104,7 +108,32 @@ def bench_step(cfg, batch: int, seq: int, steps: int) -> dict:
     tok = batch * seq
     so, sh = statistics.median(t_o), statistics.median(t_h)
     return {"params": n, "first_loss": first, "ours_tok_s": tok / so, "hf_tok_s": tok / sh, "ratio": sh / so,
-            "ours_ms": 1e3 * so, "hf_ms": 1e3 * sh}
+            "ours_ms": 1e3 * so, "hf_ms": 1e3 * sh, "block": bench_block(cfg, ours, hf, batch, seq, steps)}
+
+
+def bench_block(cfg, ours, hf, batch: int, seq: int, steps: int) -> dict:
+    """The first MoE layer of each model alone: forward + backward on the same input, ABAB, median ms."""
+    L = cfg.first_k_dense_replace
+    mo, mh = ours.layers[L].mlp, hf.model.layers[L].mlp
+    x = torch.randn(batch, seq, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+
+    def run(m):
+        xx = x.clone().requires_grad_()
+        y = m(xx)
+        y.backward(torch.ones_like(y))
+        m.zero_grad(set_to_none=True)
+        return y.detach()
+
+    ya, yb = run(mo), run(mh)
+    assert (ya - yb).abs().max().item() < 1e-4, "the MoE blocks differ"
+    t = {"ours": [], "hf": []}
+    for _ in range(2 * steps):
+        for k, m in (("ours", mo), ("hf", mh)):
+            t0 = time.perf_counter()
+            run(m)
+            t[k].append(time.perf_counter() - t0)
+    so, sh = statistics.median(t["ours"]), statistics.median(t["hf"])
+    return {"ours_ms": 1e3 * so, "hf_ms": 1e3 * sh, "ratio": sh / so}
 
 
 def _ep_rank(rank: int, world: int, name: str, batch: int, seq: int, steps: int) -> dict:
@@ -172,7 +201,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--ep-steps", type=int, default=3)
+    ap.add_argument("--ep-steps", type=int, default=3, help="steps of the ep=2 all-to-all part (0: skip it)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of both sides (1: on a shared machine two OpenMP threads wait on each other)")
     a = ap.parse_args()
@@ -183,6 +212,11 @@ def main() -> None:
           f"threads, first loss ours {r['first_loss'][0]:.5f} HF {r['first_loss'][1]:.5f}")
     print(f"  ours {r['ours_tok_s']:.0f} tok/s ({r['ours_ms']:.0f} ms)  HF DeepseekV3ForCausalLM "
           f"{r['hf_tok_s']:.0f} tok/s ({r['hf_ms']:.0f} ms)  ratio ours/HF {r['ratio']:.2f} (target >= 1.0)")
+    b = r["block"]
+    print(f"  MoE block alone (forward + backward): ours {b['ours_ms']:.1f} ms  HF DeepseekV3MoE {b['hf_ms']:.1f} ms  "
+          f"ratio ours/HF {b['ratio']:.2f}")
+    if a.ep_steps <= 0:
+        return
     e = bench_ep(a.model, a.batch, a.seq, a.ep_steps)
     print(f"[ep=2 all-to-all] {e['layers']} MoE layers, {a.batch * a.seq} tokens per rank per step, top-"
           f"{cfg.num_experts_per_tok}, hidden {cfg.hidden_size}, fp32")

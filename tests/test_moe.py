@@ -44,9 +44,9 @@ def hf_v3(layer: MoELayer):
         hf.gate.weight.copy_(layer.gate.weight)
         hf.gate.e_score_correction_bias.copy_(layer.gate.e_score_correction_bias)
         for e in range(c.n_routed_experts):
-            ex = layer.experts[str(e)]
-            hf.experts.gate_up_proj[e].copy_(torch.cat([ex.gate_proj.weight, ex.up_proj.weight]))
-            hf.experts.down_proj[e].copy_(ex.down_proj.weight)
+            gate, up, down = layer.experts.expert_weights(e)
+            hf.experts.gate_up_proj[e].copy_(torch.cat([gate, up]))
+            hf.experts.down_proj[e].copy_(down)
         for n in ("gate_proj", "up_proj", "down_proj"):
             getattr(hf.shared_experts, n).weight.copy_(getattr(layer.shared_experts, n).weight)
     return hf
@@ -99,9 +99,9 @@ def test_moe_layer_softmax_equals_hf_deepseek_v2():
     with torch.no_grad():
         hf.gate.weight.copy_(layer.gate.weight)
         for e in range(8):
-            ex = layer.experts[str(e)]
-            hf.experts.gate_up_proj[e].copy_(torch.cat([ex.gate_proj.weight, ex.up_proj.weight]))
-            hf.experts.down_proj[e].copy_(ex.down_proj.weight)
+            gate, up, down = layer.experts.expert_weights(e)
+            hf.experts.gate_up_proj[e].copy_(torch.cat([gate, up]))
+            hf.experts.down_proj[e].copy_(down)
         for n in ("gate_proj", "up_proj", "down_proj"):
             getattr(hf.shared_experts, n).weight.copy_(getattr(layer.shared_experts, n).weight)
     x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(3))
@@ -234,7 +234,7 @@ def reference_with_capacity(layer: MoELayer, x: torch.Tensor, cap: int) -> tuple
                 dropped += 1
                 continue
             taken[e] += 1
-            y[t] += r.weights[t, j] * layer.experts[str(e)].partial(flat[t:t + 1])[0]
+            y[t] += r.weights[t, j] * layer.experts.expert_partial(e, flat[t:t + 1])[0]
     y = y + layer.shared_experts.partial(flat)
     return y.view_as(x), dropped
 

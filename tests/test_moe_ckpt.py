@@ -30,16 +30,30 @@ MOE = ["model.attention=mla", "model.num_kv_heads=4", "model.q_lora_rank=24", "m
        "train.micro_batch_size=2", "train.seq_len=16", "optimizer.warmup_steps=0", "optimizer.decay_steps=8"]
 
 
+def _local_params(engine, module) -> dict:
+    """Canonical name -> stacked (fp32, exp_avg, exp_avg_sq) of this rank's parameters, read from its own
+    optimizer; grouped routed experts (E/ep, ...) split into this rank's experts under their per-expert names."""
+    from megaseek.ckpt.state import KEYS, _local_full, canonical_name, relink_hp_optimizer_state
+    from megaseek.model.moe.experts import per_expert_local
+    relink_hp_optimizer_state(engine)
+    params = {}
+    for n, p in module.named_parameters():
+        t = torch.stack([_local_full(engine, p, k) for k in KEYS])  # (3, *p.shape)
+        if getattr(p, "expert_parts", None) is not None:
+            per = [per_expert_local(canonical_name(module, n), p.expert_parts, p.expert_first, t[i]) for i in range(len(KEYS))]
+            params.update({e: torch.stack([d[e] for d in per]) for e in per[0]})
+        else:
+            params[canonical_name(module, n)] = t
+    return params
+
+
 def _snapshot(job) -> dict:
     """This rank's view after a load or a run: canonical name -> (fp32, exp_avg, exp_avg_sq) of every local
     parameter (its own experts only at ep > 1), the bias vectors, and the logits of a fixed batch that
     differs per data-parallel rank (so the all-to-all carries distinct tokens)."""
-    from megaseek.ckpt.state import KEYS, _local_full, canonical_name, relink_hp_optimizer_state
     from megaseek.model.moe.balance import moe_layers
     engine, module = job.engine, job.engine.module
-    relink_hp_optimizer_state(engine)
-    params = {canonical_name(module, n): torch.stack([_local_full(engine, p, k) for k in KEYS])
-              for n, p in module.named_parameters()}
+    params = _local_params(engine, module)
     bias = torch.stack([m.gate.e_score_correction_bias.clone() for m in moe_layers(module)])
     ids = torch.randint(0, 1001, (2, 16), generator=torch.Generator().manual_seed(5 + job.groups.dp.rank))
     module.eval()
@@ -152,12 +166,9 @@ def test_expert_parallel_checkpoint_round_trip(data_root, tmp_path):
 def _snapshot_stage(job) -> dict:
     """As _snapshot, for a pipeline stage: its parameters (fp32, moments) and its layers' biases by global layer
     (no logits: a stage alone has no whole forward)."""
-    from megaseek.ckpt.state import KEYS, _local_full, canonical_name, relink_hp_optimizer_state
     from megaseek.model.moe.balance import moe_layers
     engine, module = job.engine, job.engine.module
-    relink_hp_optimizer_state(engine)
-    params = {canonical_name(module, n): torch.stack([_local_full(engine, p, k) for k in KEYS])
-              for n, p in module.named_parameters()}
+    params = _local_params(engine, module)
     return {"params": params, "bias": {m.layer: m.gate.e_score_correction_bias.clone() for m in moe_layers(module)}}
 
 

@@ -71,7 +71,7 @@ def _run_case(rank: int, ep: int, zero: int, extra: list, stressed: bool) -> dic
         rec["max_load"].append(bal["moe/max_load"])
         rec["loads"].append(torch.stack([m.last_load for m in layers]))
         rec["bias"].append(torch.stack([m.gate.e_score_correction_bias.clone() for m in layers]))
-    rec["params"] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    rec["params"] = {n: t.detach().clone() for n, t in engine.module.state_dict().items()}  # per-expert names
     rec["experts_here"] = sorted({int(n.split(".")[4]) for n in rec["params"] if ".mlp.experts." in n})
     rec["expert_groups"] = [g.get("name") for g in engine.optimizer.optimizer.param_groups if g.get("moe")] \
         if hasattr(engine.optimizer, "optimizer") else []

@@ -6,6 +6,7 @@ Gathering (collective over each parameter's groups, every rank calls it in the s
   tensor shards       -> all-gather over the tensor group along `partition_dim`, vocab padding stripped
   pipeline stages     -> each stage writes its own layers; the last stage's tied-embedding copy is skipped
   expert shards (ep)  -> all-gather over the expert-parallel group: every routed expert under its global index
+                         (grouped expert tensors (E/ep, ...) are written per expert: `experts.{e}.*_proj.weight`)
 Scattering is the reverse: slice the full tensor for this rank's shard (pad the vocabulary), then
 `safe_set_full_*`; an expert-parallel rank reads only its own experts (names carry the global expert
 index). Loading therefore works at any layout: that is how a run changes layout on resume.
@@ -23,8 +24,15 @@ KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
 def canonical_names(model) -> set:
-    """The canonical names of this stage's parameters (a fused projection counts as its unfused parts)."""
-    return {n for name, p in model.named_parameters() for n in fused_part_names(canonical_name(model, name), p)}
+    """The canonical names of this stage's parameters (a fused projection counts as its unfused parts, grouped
+    routed experts as their local experts' per-expert parts)."""
+    return {n for name, p in model.named_parameters() for n in _part_names(canonical_name(model, name), p)}
+
+
+def _part_names(cname: str, p) -> list[str]:
+    if getattr(p, "expert_parts", None) is not None:
+        return _local_part_names(cname, p)
+    return fused_part_names(cname, p)
 
 
 def canonical_name(model, name: str) -> str:
@@ -146,17 +154,40 @@ def _gather_tp(t: torch.Tensor, p, tp) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def _gather_experts(full: dict, name: str, p, model, ep) -> Iterator[tuple[str, dict]]:
-    """Expert parameter at ep > 1 -> (canonical name, full tensors) of its counterpart on EVERY rank of the
-    expert-parallel group: slot j of rank r is global expert r E/ep + j, and the ranks' named_parameters walk
-    their slots in the same order, so one all-gather per tensor over the ep group pairs them up."""
-    from megaseek.model.moe.experts import owned_expert_names
-    names = owned_expert_names(name, p.expert_index, model.cfg.n_routed_experts, ep.size, ep.rank)
-    parts = {key: [torch.empty_like(t) for _ in range(ep.size)] for key, t in full.items()}
-    for key, t in full.items():
-        dist.all_gather(parts[key], t, group=ep.group)
-    for r, n in enumerate(names):
-        yield n, {key: parts[key][r] for key in full}
+def _grouped_expert_state(engine, p, cname: str, groups) -> Iterator[tuple[str, dict]]:
+    """A grouped expert parameter (megaseek/model/moe/experts.py: (E_l, rows/tp, cols) for this rank's E_l
+    experts) -> (canonical per-expert name, full tensors) of its parts for every expert of the layer: one
+    all-gather over tp (each part's shards concatenated along its tensor dim), then one over ep (rank r holds
+    global experts [r E_l, (r+1) E_l), so the ranks' tensors concatenate in expert order); at ep = 1 the
+    rank's own experts (all of them)."""
+    from megaseek.model.moe.experts import expert_part_names, gather_tp_parts
+    tp, ep = groups.tp, getattr(groups, "ep", None)
+    parts = {}  # key -> [part (E, rows, cols)]
+    for key in KEYS:  # ZeRO gathers over the expert-data-parallel group (_local_full)
+        t = _local_full(engine, p, key).contiguous()  # (E_l, rows/tp, cols) | (E_l, h, i/tp)
+        shards = [t]
+        if tp.size > 1:
+            shards = [torch.empty_like(t) for _ in range(tp.size)]
+            dist.all_gather(shards, t, group=tp.group)
+        full = [x.contiguous() for x in gather_tp_parts(shards, p.expert_parts)]  # [(E_l, rows, cols)]
+        if ep is not None and ep.size > 1:
+            every = [[torch.empty_like(x) for _ in range(ep.size)] for x in full]
+            for x, out in zip(full, every):
+                dist.all_gather(out, x, group=ep.group)
+            full = [torch.cat(out) for out in every]  # (E, rows, cols)
+        parts[key] = full
+    first = 0 if ep is not None and ep.size > 1 else p.expert_first
+    n = parts[KEYS[0]][0].shape[0]
+    for j, names in enumerate(expert_part_names(cname, p.expert_parts, range(first, first + n))):
+        for k, name in enumerate(names):
+            yield name, {key: parts[key][k][j].contiguous() for key in KEYS}
+
+
+def _local_part_names(cname: str, p) -> list[str]:
+    """The per-expert canonical names a grouped expert parameter holds here (its local experts)."""
+    from megaseek.model.moe.experts import expert_part_names
+    n_local = _local_shape(p)[0]
+    return [n for row in expert_part_names(cname, p.expert_parts, range(p.expert_first, p.expert_first + n_local)) for n in row]
 
 
 def iter_full_state(engine, model, groups, skip=()) -> Iterator[tuple[str, dict]]:
@@ -165,10 +196,12 @@ def iter_full_state(engine, model, groups, skip=()) -> Iterator[tuple[str, dict]
     At ep > 1 every rank gets every routed expert (its own and, gathered over the expert-parallel group, the
     others'): the same tensors and names as at ep = 1."""
     skip_ids = {id(p) for p in skip}
-    ep = getattr(groups, "ep", None)
     relink_hp_optimizer_state(engine)
     for name, p in model.named_parameters():
         if id(p) in skip_ids:
+            continue
+        if getattr(p, "expert_parts", None) is not None:  # grouped routed experts: per-expert names and tensors
+            yield from _grouped_expert_state(engine, p, canonical_name(model, name), groups)
             continue
         full = {}
         for key in KEYS:  # ZeRO gathers over dp (experts: over the expert-data-parallel group), then tp
@@ -178,9 +211,7 @@ def iter_full_state(engine, model, groups, skip=()) -> Iterator[tuple[str, dict]
                 t = t[:rows]  # strip vocabulary padding
             full[key] = t.contiguous()
         cname = canonical_name(model, name)
-        if ep is not None and ep.size > 1 and hasattr(p, "expert_index"):
-            yield from _gather_experts(full, cname, p, model, ep)
-        elif getattr(p, "fused_parts", None) is not None:  # fused q,k,v / gate,up: the unfused full parts
+        if getattr(p, "fused_parts", None) is not None:  # fused q,k,v / gate,up: the unfused full parts
             parts = {key: fused_split(t, p) for key, t in full.items()}
             for j, n in enumerate(fused_part_names(cname, p)):
                 yield n, {key: v[j].contiguous() for key, v in parts.items()}
@@ -222,12 +253,24 @@ def load_full_state(engine, model, groups, tensors: dict[str, dict], load_optimi
     missing = []
     for name, p in model.named_parameters():
         cname = canonical_name(model, name)
-        names = fused_part_names(cname, p)  # [cname], or a fused projection's unfused parts
+        names = _part_names(cname, p)  # [cname], a fused projection's unfused parts, or local experts' parts
         if any(n not in tensors for n in names):
             missing.extend(n for n in names if n not in tensors)
+            continue
+        if getattr(p, "expert_parts", None) is not None:
+            _load_grouped_experts(engine, p, names, groups, tensors, load_optimizer)
             continue
         entry = tensors[cname] if len(names) == 1 else {  # fused: the grouped full tensor, sliced below
             k: fuse_full([tensors[n][k] for n in names], p.fused_groups) for k in tensors[names[0]]}
         for key in KEYS if load_optimizer else ("fp32",):
             _set_local_full(engine, p, key, shard_for(entry[key], p, groups.tp, _local_shape(p)))
     return missing
+
+
+def _load_grouped_experts(engine, p, names: list[str], groups, tensors: dict, load_optimizer: bool) -> None:
+    """Per-expert full tensors (names: local experts in order, parts inner) -> this rank's grouped shard."""
+    from megaseek.model.moe.experts import shard_tp_parts
+    n_parts = len(p.expert_parts)
+    for key in KEYS if load_optimizer else ("fp32",):
+        full = [torch.stack([tensors[n][key] for n in names[k::n_parts]]) for k in range(n_parts)]  # (E_l, r, c)
+        _set_local_full(engine, p, key, shard_tp_parts(full, p.expert_parts, groups.tp.size, groups.tp.rank).contiguous())
