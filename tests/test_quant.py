@@ -283,3 +283,16 @@ def test_qat_recovers_2bit_gap(ckpt, setup):
     assert p > f * 1.05  # 2-bit PTQ really hurts
     assert recovered >= 0.5
 
+
+
+def test_moe_quantization_is_refused_before_any_work(tmp_path, data_root):
+    """MoE models (grouped routed experts, partial-sum down projections) are refused with one message naming
+    model.mlp before calibration; nothing is written."""
+    from megaseek.quant.api import quantize_checkpoint
+    from tests.test_hf_deepseek import _checkpoint
+    _checkpoint(tmp_path / "moe", data_root, mlp="moe", first_k_dense_replace=1, n_routed_experts=8,
+                num_experts_per_tok=2, moe_intermediate_size=32)
+    with pytest.raises(ValueError, match="model.mlp=moe: quantization of MoE models is not supported"):
+        quantize_checkpoint(tmp_path / "moe", tmp_path / "moe_q", method="rtn", bits=8, group_size=32, seq_len=32,
+                            calib_file=str(tmp_path / "missing.txt"), eval_file=str(tmp_path / "missing.txt"))
+    assert not (tmp_path / "moe_q").exists()

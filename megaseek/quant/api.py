@@ -34,6 +34,10 @@ def quantize_checkpoint(checkpoint: str | Path, out: Optional[str | Path], metho
         raise ValueError(f"method={method} writes a checkpoint: pass out=DIR")
     ckpt = resolve_checkpoint(checkpoint)
     model, cfg = model_at(ckpt)
+    if cfg.mlp == "moe":  # before calibration: the quantizers take linear modules run by the forward
+        raise ValueError(f"{ckpt}: model.mlp=moe: quantization of MoE models is not supported: the routed experts "
+                         f"are grouped (E, out, in) tensors and the experts' down projections run as partial sums, "
+                         f"not as linear modules; quantize a dense model (model.mlp=swiglu)")
     L = int(seq_len or cfg.max_seq_len)
     if not 1 <= L <= cfg.max_seq_len:
         raise ValueError(f"seq_len={L} must be in [1, model.max_seq_len={cfg.max_seq_len}]")
