@@ -18,6 +18,15 @@ from megaseek.model.config import ModelConfig
 from megaseek.model.spec import attention_cls, layer_params
 
 
+def mtp_depth_params(cfg: ModelConfig) -> dict:
+    """One multi-token-prediction depth (megaseek/model/mtp.py): the block of layer num_layers + k - 1 (MoE with
+    mlp=moe: a token uses its k routed experts), W_k (h, 2h) and 3 norms; "matmul" / "active_matmul" count
+    W_k and the block's matmuls, not the shared head (which runs once more per depth)."""
+    h, blk = cfg.hidden_size, layer_params(cfg, cfg.num_layers)
+    return {"total": blk["total"] + 2 * h * h + 3 * h, "active": blk["active"] + 2 * h * h + 3 * h,
+            "matmul": blk["matmul"] + 2 * h * h, "active_matmul": blk["active_matmul"] + 2 * h * h}
+
+
 def param_counts(cfg: ModelConfig) -> dict:
     """Parameter counts from the model spec's sub-layers (no weights built: works for any size)."""
     h = cfg.hidden_size
@@ -29,13 +38,12 @@ def param_counts(cfg: ModelConfig) -> dict:
     matmul = sum(lp["matmul"] for lp in layers) + cfg.vocab_size * h  # the head is a matmul, tied or not
     active = embed + sum(lp["active"] for lp in layers) + h + head
     active_matmul = sum(lp["active_matmul"] for lp in layers) + cfg.vocab_size * h
-    if cfg.mtp_depth:  # per depth: W_k (h, 2h), 3 norms, the block of layer num_layers + k - 1 (MoE with
-        # mlp=moe: a token uses its k routed experts); the shared head runs once more
-        D, blk = cfg.mtp_depth, layer_params(cfg, cfg.num_layers)
-        total += D * (blk["total"] + 2 * h * h + 3 * h)
-        active += D * (blk["active"] + 2 * h * h + 3 * h)
-        matmul += D * (blk["matmul"] + 2 * h * h + cfg.vocab_size * h)
-        active_matmul += D * (blk["active_matmul"] + 2 * h * h + cfg.vocab_size * h)
+    if cfg.mtp_depth:  # D depths; the shared head runs once more per depth
+        D, mtp = cfg.mtp_depth, mtp_depth_params(cfg)
+        total += D * mtp["total"]
+        active += D * mtp["active"]
+        matmul += D * (mtp["matmul"] + cfg.vocab_size * h)
+        active_matmul += D * (mtp["active_matmul"] + cfg.vocab_size * h)
     return {"total": total, "embedding": embed, "per_layer": per_layer, "matmul": matmul,
             "non_embedding": total - embed, "active": active, "active_matmul": active_matmul}
 

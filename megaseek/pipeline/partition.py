@@ -72,21 +72,22 @@ METHODS = ("parameters", "cost", "uniform")
 
 def layer_weights(cfg: ModelConfig, method: str) -> tuple[list[float], float, float]:
     """(weight of each layer, first stage's extra, last stage's extra) for `parameters` or `cost`."""
+    from megaseek.model.flops import mtp_depth_params
     from megaseek.model.spec import attention_cls, layer_params
     h, V, D = cfg.hidden_size, cfg.vocab_size, cfg.mtp_depth
-    mtp_block = layer_params(cfg, cfg.num_layers) if D else None  # an MoE block with mlp=moe
+    mtp = mtp_depth_params(cfg) if D else None
     if method == "parameters":
         weights = [float(layer_params(cfg, i)["total"]) for i in range(cfg.num_layers)]
         last = V * h + h  # LM head (or the tied copy) + final norm
         if D:
-            last += D * (mtp_block["total"] + 2 * h * h + 3 * h)
+            last += D * mtp["total"]
             last += 0 if cfg.tie_embeddings else V * h  # the embedding copy MTP reads (tied: the head's copy)
         return weights, float(V * h), float(last)
     score = 3 * attention_cls(cfg).score_flops(cfg, cfg.max_seq_len)
     weights = [float(6 * layer_params(cfg, i)["active_matmul"] + score) for i in range(cfg.num_layers)]
     last = 6 * V * h
     if D:
-        last += D * (6 * (mtp_block["active_matmul"] + 2 * h * h) + score + 6 * V * h)
+        last += D * (6 * mtp["active_matmul"] + score + 6 * V * h)
     return weights, 0.0, float(last)
 
 
