@@ -37,12 +37,15 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype) * w
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (s, d) in the Llama (rotate-half) layout: frequencies repeated over both halves."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (d/2,)
+def rope_tables(seq_len: int, head_dim: int, theta: float, inv_freq: Optional[torch.Tensor] = None,
+                scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (s, d) in the Llama (rotate-half) layout: frequencies repeated over both halves, times
+    `scale`. `inv_freq` (d/2,) float64: other frequencies than theta^(-2j/d) (YaRN: megaseek/model/rope.py)."""
+    inv = inv_freq if inv_freq is not None else \
+        1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (d/2,)
     ang = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)  # (s, d/2)
     emb = torch.cat([ang, ang], dim=-1)  # (s, d)
-    return emb.cos().float(), emb.sin().float()
+    return (emb.cos() * scale).float(), (emb.sin() * scale).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

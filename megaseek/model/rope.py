@@ -76,10 +76,7 @@ def model_rope_tables(cfg, seq_len: int | None = None) -> tuple[torch.Tensor, to
         return rope_tables(s, d, cfg.rope_theta)
     inv = yarn_inv_freq(d, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_max_seq_len, cfg.rope_beta_fast,
                         cfg.rope_beta_slow)
-    ang = torch.outer(torch.arange(s, dtype=torch.float64), inv)  # (s, d/2)
-    emb = torch.cat([ang, ang], dim=-1)  # (s, d)
-    a = attention_factor(cfg)
-    return (emb.cos() * a).float(), (emb.sin() * a).float()
+    return rope_tables(s, d, cfg.rope_theta, inv_freq=inv, scale=attention_factor(cfg))
 
 
 def validate(cfg, bad) -> None:
