@@ -297,5 +297,5 @@ def check_ppo(p, log=None) -> None:
             bad(k, "must be >= 1")
     if float(p.missing_eos_penalty) < 0:
         bad("missing_eos_penalty", "must be >= 0")
-    if int(p.get("keep_rollouts", 2)) < 0:
+    if int(p.keep_rollouts) < 0:
         bad("keep_rollouts", "must be >= 0 (0: keep every rollout; a resume needs the newest)")

@@ -183,7 +183,7 @@ class PPOLoader:
         tmp = self._file(k).with_suffix(".tmp")
         torch.save({"batch": r.batch, "samples": r.samples}, tmp)
         tmp.replace(self._file(k))
-        keep = int(self.p.get("keep_rollouts", 2))
+        keep = int(self.p.keep_rollouts)
         for old in (sorted(self.dir.glob("rollout-*.pt"))[:-keep] if keep > 0 else []):
             old.unlink()
 
