@@ -2,7 +2,9 @@
 sizes, on this machine, in this run; MFU against this machine's measured fp32 matmul peak.
 
 Both sides run the same step in one process: forward, token cross-entropy, backward, AdamW step (torch's
-fused AdamW on both sides), fp32, the same threads. For each model size and mode the two models alternate
+fused AdamW on both sides), fp32, the same threads. Our projections run on the GEMM library `train.gemm`
+selects (`--gemm`, default auto: oneDNN on CPU, megaseek/tensor_parallel/gemm.py); HF's `nn.Linear` on
+torch's default (MKL on CPU). `--gemm aten` puts ours on MKL too, to show what the library is worth. For each model size and mode the two models alternate
 step by step (AB BA AB ..) so that machine noise hits both alike; the median step time of each is reported,
 with the median per-pair ratio of process CPU time (robust to descheduling on a loaded machine) and the load
 average.
@@ -10,7 +12,7 @@ Modes: `eager`, and `compiled` = regional torch.compile of the decoder blocks on
 `train.compile=true` does it, HF's LlamaDecoderLayer modules likewise).
 
     python bench/throughput.py [--models tiny,small] [--modes eager,compiled] [--batch 8] [--seq 256]
-                               [--small-batch 2] [--steps 6] [--profile]
+                               [--small-batch 2] [--steps 6] [--gemm auto|onednn|aten] [--profile]
 
 `--profile`: torch.profiler over a few eager steps of ours, printing where the step's time goes (matmul,
 attention, norms, optimizer, communication, other; self CPU time of the ops) next to each class's share of
@@ -33,6 +35,7 @@ import yaml  # noqa: E402
 from megaseek.model.config import ModelConfig  # noqa: E402
 from megaseek.model.decoder import Decoder, compile_blocks  # noqa: E402
 from megaseek.model.flops import flops_per_token, measure_matmul_peak, param_counts  # noqa: E402
+from megaseek.tensor_parallel.gemm import set_backend as set_gemm_backend  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,7 +110,7 @@ CLASSES = (("communication", ("all_reduce", "all_gather", "reduce_scatter", "bro
            ("optimizer", ("adam", "_foreach", "optimizer")),
            ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "_sdpa", "softmax")),
            ("norms", ("rms_norm", "rsqrt", "pow", "mean")),
-           ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn")))
+           ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn", "onednn")))
 
 
 def classify(op: str) -> str:
@@ -151,11 +154,14 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--gemm", default="auto", help="train.gemm of our model (HF keeps torch's default)")
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    set_gemm_backend(a.gemm)
     peak = measure_matmul_peak(seconds=1.0)
-    print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s, {a.threads} threads, fp32, median of "
+    print(f"measured fp32 matmul peak (the faster of MKL and oneDNN): {peak / 1e9:.1f} GFLOP/s, train.gemm="
+          f"{a.gemm}, {a.threads} threads, fp32, median of "
           f"{a.steps} ABAB steps after 2 warm-up steps; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores")
     rows = []

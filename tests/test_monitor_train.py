@@ -5,6 +5,7 @@ Checks: every metric of the issue in metrics.jsonl with sane, mutually consisten
 system file; the Prometheus endpoints of both ranks (rank label) during training; TensorBoard's reader
 and the wandb offline file give back the JSONL's numbers; the resume continues the same wandb run; the
 plot command writes a PNG; the Grafana dashboard's queries name metrics the endpoint serves."""
+import http.client
 import json
 import math
 import socket
@@ -79,8 +80,8 @@ def run(data_root, tmp_path_factory):
                 continue
             try:
                 got = scrape(f"http://127.0.0.1:{port + r}/metrics", timeout=1.0)
-            except OSError:
-                continue
+            except (OSError, http.client.HTTPException):  # not up yet, or (before it binds) a gloo socket
+                continue  # that took the ephemeral port and answers with garbage: try again
             if "megaseek_loss" in got and "megaseek_tokens_per_second" in got:
                 scrapes[r] = (got, box.get("result"))  # result None: training still running
         time.sleep(0.05)

@@ -130,6 +130,11 @@ def validate(cfg: Mapping, world_size: int, has_cuda: Optional[bool] = None) -> 
             f"parallel.pp={layout.pp} with zero.stage={stage}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 "
             f"only. Use zero.stage=1 (optimizer states partitioned) with pipelines, or parallel.pp=1 for ZeRO-2/3")
 
+    from megaseek.tensor_parallel.gemm import check_backend
+    try:
+        check_backend(str(_get(cfg, "train.gemm", "auto")))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     ac = str(_get(cfg, "train.activation_checkpointing", "none"))
     if ac not in ("none", "full", "selective"):
         raise ConfigError(f"train.activation_checkpointing={ac!r}: choose none, full or selective")

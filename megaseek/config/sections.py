@@ -56,6 +56,7 @@ class TrainConfig:
     qat_group_size: int = 32         # input columns per weight quantization group (QAT)
     sparsity: str = "none"           # none | 2:4: magnitude 2:4 masks, kept after every optimizer step
     compile: bool = False            # regional torch.compile of the decoder blocks (megaseek/model/decoder.py)
+    gemm: str = "auto"               # auto | onednn | aten: the projections' GEMM library (tensor_parallel/gemm.py)
 
 
 @dataclass

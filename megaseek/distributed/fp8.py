@@ -61,7 +61,7 @@ def check_fp8_run(has_cuda: Optional[bool] = None) -> None:
     """What config validation calls for `precision=fp8`: the hardware / library check above, then a refusal
     on qualifying GPUs too, because the training job does not convert its layers yet. torchao's
     `convert_to_float8_training` swaps `nn.Linear` modules, and megaseek's projections are tensor-parallel
-    modules calling `F.linear` on their shard (ColumnParallelLinear, RowParallelLinear, KVProjection,
+    modules calling `gemm.linear` on their shard (ColumnParallelLinear, RowParallelLinear, KVProjection,
     ReplicatedLinear, the tied head): they need a float8 matmul of their own, which cannot be verified
     without an fp8 GPU. Refusing keeps `precision=fp8` from silently training in fp32."""
     backend = check_fp8_here(has_cuda)

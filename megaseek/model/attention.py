@@ -21,6 +21,7 @@ from megaseek.model.config import ModelConfig
 from megaseek.model.layers import apply_rope, fused_dense
 from megaseek.tensor_parallel.layers import (ColumnParallelLinear, FusedColumnParallelLinear, RowParallelLinear, TPContext,
                                              expose_unfused_state, mark_sharded, master_normal)
+from megaseek.tensor_parallel.gemm import linear
 from megaseek.tensor_parallel.random import RNGTracker
 
 
@@ -62,8 +63,8 @@ class KVProjection(nn.Module):
     def forward(self, x_parallel: torch.Tensor) -> torch.Tensor:
         if self.replicated:
             w = self.ctx.replicated_weight(self.weight)[self.head * self.d:(self.head + 1) * self.d]  # (d, h)
-            return F.linear(x_parallel, w)  # (b, s, d)
-        return F.linear(x_parallel, self.weight)  # (b, s, nkv d / p)
+            return linear(x_parallel, w)  # (b, s, d)
+        return linear(x_parallel, self.weight)  # (b, s, nkv d / p)
 
 
 class GQAAttention(nn.Module):

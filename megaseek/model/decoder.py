@@ -30,6 +30,7 @@ from megaseek.model.spec import attention_cls, build_mlp, check
 from megaseek.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaseek.tensor_parallel.layers import (ColumnParallelLinear, TPContext, VocabParallelEmbedding,
                                              mask_padded_logits, padded_vocab_size)
+from megaseek.tensor_parallel.gemm import linear
 from megaseek.tensor_parallel.random import RNGTracker
 
 CHECKPOINT_MODES = ("none", "full", "selective")
@@ -156,7 +157,7 @@ class Decoder(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ctx.enter(self.norm(x))  # (b, s, h) on every tensor rank
-        z = F.linear(x, self.head_weight())  # (b, s, V_pad/p)
+        z = linear(x, self.head_weight())  # (b, s, V_pad/p)
         return mask_padded_logits(z, self.cfg.vocab_size, self.vocab_start)
 
     def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

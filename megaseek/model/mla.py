@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from megaseek.model.config import ModelConfig
 from megaseek.model.layers import RMSNorm, apply_rope
 from megaseek.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, TPContext, master_normal
+from megaseek.tensor_parallel.gemm import linear
 from megaseek.tensor_parallel.random import RNGTracker
 
 
@@ -62,7 +63,7 @@ class ReplicatedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.ctx.replicated_weight(self.weight) if self.ctx.sequence_parallel else self.weight
-        return F.linear(x, w)
+        return linear(x, w)
 
 
 class MLAttention(nn.Module):

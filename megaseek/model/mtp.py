@@ -35,10 +35,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from megaseek.model.attention import attention_mask
 from megaseek.model.layers import RMSNorm, rope_at
+from megaseek.tensor_parallel.gemm import linear
 from megaseek.tensor_parallel.layers import TPContext, mask_padded_logits, master_normal
 
 
@@ -75,7 +75,7 @@ class MTPModule(nn.Module):
 
     def project(self, h_prev: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """h'^k = W_k [enorm(emb); hnorm(h_prev)]: (b, n, h) x 2 -> (b, n, h), embedding half first."""
-        return F.linear(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1), self.eh_proj)  # (b, n, 2h) -> (b, n, h)
+        return linear(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1), self.eh_proj)  # (b, n, 2h) -> (b, n, h)
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos, sin, mask) -> torch.Tensor:
         # h_prev, emb: (b, n, h) -> (b, n, h)
@@ -123,7 +123,7 @@ def mtp_token_losses(model, hidden: torch.Tensor, batch: dict) -> list[torch.Ten
         attn = attention_mask(d, d, 0) if d is not None else None  # (b, 1, n, n), or causal by default
         cos, sin = rope_at(model.rope_cos, model.rope_sin, n, pos[:, :n].to(hidden.device) if pos is not None else None)
         h_k = mod(h_prev[:, :n], model.embed_tokens(inp), cos, sin, attn)  # (b, n, h)
-        z = F.linear(model.ctx.enter(mod.norm(h_k)), model.head_weight())  # (b, n, V_pad/p)
+        z = linear(model.ctx.enter(mod.norm(h_k)), model.head_weight())  # (b, n, V_pad/p)
         z = mask_padded_logits(z, model.cfg.vocab_size, model.vocab_start)
         out.append(model.token_losses(z, tgt))
         h_prev = h_k

@@ -3,10 +3,11 @@
 Targets are the linear layers of the transformer blocks (`ColumnParallelLinear` / `RowParallelLinear` / the GQA
 `KVProjection` / `nn.Linear`), named by their canonical checkpoint names without `.weight`
 (e.g. `layers.0.attn.k_proj`).
-The embedding and the LM head stay in float (the head is applied by `F.linear` on its weight, not by calling the
-module, so hooks and module swaps would miss it; like GPTQ's reference recipe, it is not quantized).
-At tp = 1 both parallel linears compute exactly `F.linear(x, W, b)` (their communication is the identity), so
-an `nn.Linear` holding the same tensors is a drop-in replacement from the outside.
+The embedding and the LM head stay in float (the head is applied by `gemm.linear` on its weight, not by calling
+the module, so hooks and module swaps would miss it; like GPTQ's reference recipe, it is not quantized).
+At tp = 1 both parallel linears compute `x W^T + b` (`megaseek/tensor_parallel/gemm.py`; their communication is
+the identity), so an `nn.Linear` holding the same tensors is a drop-in replacement from the outside (equal up to
+the GEMM library's rounding, ~1e-7 relative, when `train.gemm` runs the layers on oneDNN).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from megaseek.tensor_parallel.layers import ColumnParallelLinear, RowParallelLin
 
 
 def _kv_types() -> tuple:
-    """The GQA key/value projection (a plain F.linear on `.weight` at tp = 1), wherever the model defines it."""
+    """The GQA key/value projection (x W^T on `.weight` at tp = 1), wherever the model defines it."""
     for mod in ("megaseek.model.attention", "megaseek.model.layers"):
         try:
             return (getattr(__import__(mod, fromlist=["KVProjection"]), "KVProjection"),)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from megaseek.tensor_parallel import mappings as M
 from megaseek.tensor_parallel.layers import TPContext
+from megaseek.tensor_parallel.scratch import scratch
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -20,26 +21,27 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     S_t = sum_v exp(z_tv - m_t) (all-reduce SUM); loss_t = log S_t - (z_t,y_t - m_t).
     Backward: dz_tv = g_t (exp(z_tv - m_t) / S_t - onehot(y_t)_v), on the local slice only.
 
-    One (b, s, v/p) tensor is allocated (e = exp(z - m), saved, and turned into dz in place by backward, so
+    One (b, s, v/p) fp32 tensor is used (e = exp(z - m), saved, and turned into dz in place by backward, so
     backward runs once per forward), where log_softmax + nll_loss allocate four: on CPU each such tensor costs
-    its page faults as well as its pass over memory (tiny model: 64 MiB each step). Used at tp = 1 too
-    (group None: no communication). The logits are not modified.
+    its page faults as well as its pass over memory (tiny model: 64 MiB each step), so it comes from
+    `scratch` (kept across steps while free). Used at tp = 1 too (group None: no communication). The logits
+    are not modified.
     """
 
     @staticmethod
-    def forward(ctx, logits, target, group, vocab_start):
-        z = logits.float()  # (b, s, v/p); the caller's tensor when fp32: read only
-        zmax = z.amax(dim=-1)  # (b, s)
+    def forward(ctx, logits, target, group, vocab_start, keep):
+        zmax = logits.amax(dim=-1).float()  # (b, s) (a max is exact in any float dtype)
         if group is not None:
             dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
             if M.CommCounter.active is not None:
                 M.CommCounter.active.add("all_reduce", zmax)
-        n_local = z.shape[-1]
+        n_local = logits.shape[-1]
         outside = (target < vocab_start) | (target >= vocab_start + n_local)
         local_t = (target - vocab_start).masked_fill(outside, 0)
-        z_t = (z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) - zmax).masked_fill(outside, 0.0)  # (b, s)
-        shifted = z.sub_(zmax.unsqueeze(-1)) if z is not logits else z - zmax.unsqueeze(-1)  # (b, s, v/p)
-        exp = shifted.exp_()
+        z_t = logits.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).float()  # (b, s) target logits
+        z_t = (z_t - zmax).masked_fill(outside, 0.0)
+        exp = scratch(logits.shape, torch.float32, logits.device, keep)  # (b, s, v/p), reused across steps (CPU)
+        torch.sub(logits, zmax.unsqueeze(-1), out=exp).exp_()  # exp(z - m), in fp32 for any logits dtype
         sum_exp = exp.sum(dim=-1)  # (b, s)
         if group is not None:
             both = torch.stack([z_t, sum_exp])  # one all-reduce for the two (b, s) tensors
@@ -62,10 +64,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         w = (g / sum_exp).masked_fill(ignored, 0.0)  # (b, s)
         grad = exp.mul_(w.unsqueeze(-1))  # (b, s, v/p): g softmax, in place
         grad.scatter_add_(-1, local_t.unsqueeze(-1), -g.masked_fill(outside, 0.0).unsqueeze(-1).to(grad.dtype))
-        return grad.to(ctx.in_dtype), None, None, None
+        return grad.to(ctx.in_dtype), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits_local: torch.Tensor, target: torch.Tensor, ctx: TPContext,
                                  vocab_start: int) -> torch.Tensor:
     """Per-token loss (b, s) from vocab-sharded logits (b, s, V_pad/p); 0 where target < 0."""
-    return _VocabParallelCrossEntropy.apply(logits_local, target, ctx.group if ctx.size > 1 else None, vocab_start)
+    keep = torch.is_grad_enabled() and logits_local.requires_grad  # a training step's loss: its buffer is kept
+    return _VocabParallelCrossEntropy.apply(logits_local, target, ctx.group if ctx.size > 1 else None, vocab_start,
+                                            keep)

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaseek.tensor_parallel import mappings as M
+from megaseek.tensor_parallel.gemm import linear
 
 
 @dataclass
@@ -134,7 +135,7 @@ class ColumnParallelLinear(nn.Module):
             mark_sharded(self.bias, 0, ctx)
 
     def forward(self, x_parallel: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x_parallel, self.weight, self.bias)  # (..., out/p)
+        y = linear(x_parallel, self.weight, self.bias)  # (..., out/p)
         if self.gather_output:
             y = M.gather_from_region(y, self.ctx.group)  # (..., out)
         return y
@@ -187,8 +188,8 @@ class FusedColumnParallelLinear(nn.Module):
         called as the module (hooks such as ZeRO-3's parameter gathering run)."""
         if layout == "part_major":
             w = torch.cat(split_full(self.weight, self.local_groups, self.per_group))  # (sum_j G/p out_j/G, in)
-            return F.linear(x_parallel, w).split([self.local_groups * n for n in self.per_group], dim=-1)
-        y = F.linear(x_parallel, self.weight)  # (..., G/p * R)
+            return linear(x_parallel, w).split([self.local_groups * n for n in self.per_group], dim=-1)
+        y = linear(x_parallel, self.weight)  # (..., G/p * R)
         if layout == "flat":
             return y
         y = y.view(*y.shape[:-1], self.local_groups, sum(self.per_group))  # (..., G/p, R)
@@ -272,7 +273,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x_parallel: torch.Tensor) -> torch.Tensor:
-        y = self.ctx.exit(F.linear(x_parallel, self.weight))  # (b, s, out) or (b, s/p, out) with SP
+        y = self.ctx.exit(linear(x_parallel, self.weight))  # (b, s, out) or (b, s/p, out) with SP
         if self.bias is not None:
             b = self.ctx.replicated_weight(self.bias) if self.ctx.sequence_parallel else self.bias
             y = y + b

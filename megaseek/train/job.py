@@ -135,6 +135,7 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
     from megaseek.engine.step import StepRunner
     from megaseek.monitor.hub import MetricsHub
     from megaseek.tasks.pretrain import NextTokenObjective
+    from megaseek.tensor_parallel.gemm import set_backend as set_gemm_backend
     from megaseek.testing import faults
     from megaseek.train import callbacks as C
     from megaseek.train.state import RunState
@@ -175,6 +176,7 @@ def build_job(cfg: DictConfig, objective=None, data_fn=None, evaluation_fn=None)
     stage = build_stage(run.model, groups, seed=run.seed, sequence_parallel=layout.sequence_parallel,
                         checkpointing=run.train.activation_checkpointing, partition_method=run.parallel.partition)
     prepare_qat(stage.model, qat_spec(run.train))  # fake-quantized linears, before the engine takes the parameters
+    set_gemm_backend(run.train.gemm)  # the projections' GEMM library, for this process (before any forward)
     if run.train.compile:  # regional torch.compile of the blocks; names and parameters unchanged
         from megaseek.model.decoder import compile_blocks
         compile_blocks(stage.model)

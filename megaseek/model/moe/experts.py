@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megaseek.tensor_parallel.gemm import linear
 from megaseek.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, TPContext, mark_sharded, \
     master_normal
 
@@ -52,7 +53,7 @@ class Expert(nn.Module):
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """x (n, h) replicated over tensor ranks -> (n, h) this rank's partial sum (no reduction)."""
         a = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (n, i/p)
-        return F.linear(a, self.down_proj.weight)  # (n, h) partial
+        return linear(a, self.down_proj.weight)  # (n, h) partial
 
 
 def ep_group_name(ep: int) -> str:
