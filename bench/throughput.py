@@ -4,8 +4,9 @@ sizes, on this machine, in this run; MFU against this machine's measured fp32 ma
 Both sides run the same step in one process: forward, token cross-entropy, backward, AdamW step (torch's
 fused AdamW on both sides), fp32, the same threads. Our projections run on the GEMM library `train.gemm`
 selects (`--gemm`, default auto: oneDNN on CPU, megaseek/tensor_parallel/gemm.py); HF's `nn.Linear` on
-torch's default (MKL on CPU). `--gemm aten` puts ours on MKL too, to show what the library is worth. For each model size and mode the two models alternate
-step by step (AB BA AB ..) so that machine noise hits both alike; the median step time of each is reported,
+torch's default (MKL on CPU). `--gemm aten` puts ours on MKL too, to show what the library is worth.
+For each model size and mode the two models alternate step by step (AB BA AB ..) so that machine noise
+hits both alike; the median step time of each is reported,
 with the median per-pair ratio of process CPU time (robust to descheduling on a loaded machine) and the load
 average.
 Modes: `eager`, and `compiled` = regional torch.compile of the decoder blocks on both sides (ours as

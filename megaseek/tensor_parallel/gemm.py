@@ -45,10 +45,6 @@ def set_backend(name: str) -> None:
     _state["backend"] = name
 
 
-def backend() -> str:
-    return _state["backend"]
-
-
 _ONEDNN = bool(torch.backends.mkldnn.is_available())  # read once: torch.compile may not trace the query
 
 

@@ -36,7 +36,7 @@ def scratch(shape, dtype: torch.dtype, device, keep: bool = True) -> torch.Tenso
     shapes should not take the slots)."""
     device = torch.device(device)
     shape = tuple(shape)
-    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
     if not keep or device.type != "cpu" or nbytes < MIN_BYTES or not _COUNTS:
         return torch.empty(shape, dtype=dtype, device=device)
     key = (shape, dtype)
